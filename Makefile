@@ -26,8 +26,11 @@ proto: $(PB)/__init__.py
 $(PB)/__init__.py: $(PROTOS) scripts/genproto.py $(STAMP)
 	$(PY) scripts/genproto.py protos $(PB)
 
+# tests/service imports consensus.py, which monkey-patches the process with
+# gevent; it runs in a pytest process of its own.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/service
+	$(PY) -m pytest -q tests/service
 
 lint: setup
 	$(PY) -m ruff check .
