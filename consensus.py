@@ -416,6 +416,1162 @@ def ctx(**kv) -> dict:
 
 
 # --------------------------------------------------------------------------
+# Status codes (cita_cloud_proto status_code.proto) that the service acts on
+# --------------------------------------------------------------------------
+
+CODE_NAMES = {
+    0: "Success", 2: "NoneStatusCode", 3: "FatalError", 109: "NoTransaction", 112: "NoneProposal",
+    113: "NoneBlockBody", 114: "NoneBlockHeader", 119: "NoneRawTx", 122: "EncodeError", 123: "DecodeError",
+    124: "NoCandidate", 126: "NoForkTree", 128: "ProposalTooHigh", 129: "ProposalTooLow",
+    130: "ProposalCheckError", 131: "ConsensusProposalCheckError", 132: "BlockCheckError",
+    139: "NodeInSyncMode", 153: "QuotaUsedExceed", 154: "NoStateRoot", 155: "StateRootCheckError",
+    200: "ConsensusServerNotReady", 400: "NetworkServerNotReady", 401: "SendMsgError",
+    402: "BroadcastMsgError", 500: "ExecuteServerNotReady", 600: "StorageServerNotReady",
+}
+SUCCESS, NO_TRANSACTION, NONE_RAW_TX, PROPOSAL_TOO_HIGH, PROPOSAL_TOO_LOW = 0, 109, 119, 128, 129
+PING_HEIGHT = 2**64 - 1  # CommitBlock at this height only returns the controller's configuration
+
+
+def code_name(code: int) -> str:
+    return f"{code} ({CODE_NAMES.get(code, 'unknown code')})"
+
+
+def is_transient(code: int) -> bool:
+    """Codes after which the same request may succeed later: a '...ServerNotReady'
+    (code % 100 == 0, the controller's own convention), txs still being fetched
+    (119), or a controller that is behind and syncing (128)."""
+    return code % 100 == 0 or code in (NONE_RAW_TX, PROPOSAL_TOO_HIGH)
+
+
+# --------------------------------------------------------------------------
+# Metrics (Prometheus text on metrics_port)
+# --------------------------------------------------------------------------
+
+class Metrics:
+    """The original's gRPC latency histograms (`<client-name>_to_<Method>`, ms)
+    plus the raft and service figures it lacks. Each Service has its own
+    registry so that several can live in one test process."""
+
+    def __init__(self, buckets: list[float]):
+        import prometheus_client as prom
+
+        self.prom = prom
+        self.registry = prom.CollectorRegistry()
+        self.buckets = buckets
+        self._histograms: dict[str, object] = {}
+        r = self.registry
+        g, c = prom.Gauge, prom.Counter
+        self.role = g("consensus_raft_role", "raft role: 0 follower, 1 candidate, 2 leader, 3 pre-candidate",
+                      registry=r)
+        self.term = g("consensus_raft_term", "raft term", registry=r)
+        self.leader_id = g("consensus_raft_leader_id", "raft id of the known leader (0: none)", registry=r)
+        self.commit_index = g("consensus_raft_commit_index", "raft commit index", registry=r)
+        self.applied_index = g("consensus_raft_applied_index", "raft applied index", registry=r)
+        self.block_height = g("consensus_raft_block_height", "height of the last block committed", registry=r)
+        self.peer_running = g("consensus_raft_peer_running", "1 while this node takes part in raft", registry=r)
+        self.elections = c("consensus_raft_elections", "elections this node started", registry=r)
+        self.leader_changes = c("consensus_raft_leader_changes", "changes of the known leader", registry=r)
+        self.proposals = c("consensus_raft_proposals", "block proposals by outcome", ["outcome"], registry=r)
+        self.messages = c("consensus_raft_messages", "raft messages by direction and outcome",
+                          ["direction", "outcome"], registry=r)
+        self.controller_errors = c("consensus_raft_controller_errors", "failed controller calls", ["method"],
+                                   registry=r)
+        self.fsync = prom.Histogram("consensus_raft_wal_fsync_ms", "WAL fsync latency in ms", registry=r,
+                                    buckets=buckets)
+        self.commit_latency = prom.Histogram("consensus_raft_commit_latency_ms",
+                                             "proposal to CommitBlock returned, in ms (leader)", registry=r,
+                                             buckets=buckets)
+
+    def observe_rpc(self, client_name: str, method: str, elapsed_ms: float) -> None:
+        name = f"{client_name}_to_{method}"
+        if not _METRIC_NAME.match(name):
+            return
+        h = self._histograms.get(name)
+        if h is None:
+            h = self.prom.Histogram(name, "request latencies in milliseconds(ms)", registry=self.registry,
+                                    buckets=self.buckets)
+            self._histograms[name] = h
+        h.observe(elapsed_ms)
+
+    def serve(self, port: int):
+        """HTTP exporter: /metrics in Prometheus text format, a hint elsewhere."""
+        from gevent.pywsgi import WSGIServer
+
+        app = self.prom.make_wsgi_app(self.registry)
+
+        def route(environ, start_response):
+            if environ.get("PATH_INFO") == "/metrics":
+                return app(environ, start_response)
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"try /metrics (ports: 60000 network, 60001 consensus, 60002 executor, "
+                    b"60003 storage, 60004 controller, 60005 crypto)\n"]
+
+        server = _bind_dual_stack(lambda host: WSGIServer((host, port), route, log=None, error_log=None))
+        server.start()
+        return server
+
+
+_METRIC_NAME = __import__("re").compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _bind_dual_stack(make):
+    """Bind on [::] (dual stack); fall back to 0.0.0.0 where IPv6 is missing."""
+    try:
+        return make("::")
+    except OSError as e:
+        if e.errno in (97, 99):  # EAFNOSUPPORT, EADDRNOTAVAIL: no IPv6 here
+            return make("0.0.0.0")
+        raise
+
+
+# --------------------------------------------------------------------------
+# Clients of the controller and the network, with deadlines and metadata
+# --------------------------------------------------------------------------
+
+CLIENT_METADATA = (("client-name", "consensus"),)
+
+
+class RpcFailed(Exception):
+    """A gRPC call failed at the transport level (unreachable, deadline...)."""
+
+    def __init__(self, service: str, method: str, err: grpc.RpcError):
+        self.code = err.code() if hasattr(err, "code") else None
+        detail = err.details() if hasattr(err, "details") else str(err)
+        name = self.code.name if self.code else "UNKNOWN"
+        super().__init__(f"{service} {method} failed: {name}: {detail}")
+
+
+class ControllerClient:
+    """Consensus2ControllerService on localhost:controller_port."""
+
+    def __init__(self, port: int):
+        from cita_raft_pb import controller_pb2_grpc
+
+        self.addr = f"127.0.0.1:{port}"
+        self.channel = grpc.insecure_channel(self.addr, options=_CHANNEL_OPTIONS)
+        self.stub = controller_pb2_grpc.Consensus2ControllerServiceStub(self.channel)
+
+    def _call(self, method: str, request, timeout: float):
+        try:
+            return getattr(self.stub, method)(request, timeout=timeout, metadata=CLIENT_METADATA)
+        except grpc.RpcError as e:
+            raise RpcFailed("controller", method, e) from None
+
+    def get_proposal(self):
+        """(status code, Proposal or None)."""
+        reply = self._call("GetProposal", common_pb2.Empty(), 5.0)
+        proposal = reply.proposal if reply.HasField("proposal") else None
+        return reply.status.code, proposal
+
+    def check_proposal(self, proposal) -> int:
+        return self._call("CheckProposal", proposal, 30.0).code
+
+    def commit_block(self, proposal, proof: bytes = b""):
+        """(status code, ConsensusConfiguration or None)."""
+        reply = self._call("CommitBlock", common_pb2.ProposalWithProof(proposal=proposal, proof=proof), 60.0)
+        return reply.status.code, (reply.config if reply.HasField("config") else None)
+
+    def ping(self):
+        """CommitBlock at height 2^64-1: the controller's current configuration."""
+        reply = self._call("CommitBlock", common_pb2.ProposalWithProof(
+            proposal=common_pb2.Proposal(height=PING_HEIGHT, data=b"")), 5.0)
+        return reply.status.code, (reply.config if reply.HasField("config") else None)
+
+    def close(self):
+        self.channel.close()
+
+
+class NetworkClient:
+    """NetworkService on localhost:network_port."""
+
+    def __init__(self, port: int):
+        from cita_raft_pb import network_pb2_grpc
+
+        self.addr = f"127.0.0.1:{port}"
+        self.channel = grpc.insecure_channel(self.addr, options=_CHANNEL_OPTIONS)
+        self.stub = network_pb2_grpc.NetworkServiceStub(self.channel)
+
+    def _call(self, method: str, request, timeout: float = 3.0) -> int:
+        try:
+            return getattr(self.stub, method)(request, timeout=timeout, metadata=CLIENT_METADATA).code
+        except grpc.RpcError as e:
+            raise RpcFailed("network", method, e) from None
+
+    def register(self, grpc_port: int) -> int:
+        return self._call("RegisterNetworkMsgHandler", network_pb2.RegisterInfo(
+            module_name="consensus", hostname="localhost", port=str(grpc_port)))
+
+    def send(self, origin: int, msg_type: str, payload: bytes) -> int:
+        return self._call("SendMsg", network_pb2.NetworkMsg(module="consensus", type=msg_type, origin=origin,
+                                                            msg=payload))
+
+    def broadcast(self, msg_type: str, payload: bytes) -> int:
+        return self._call("Broadcast", network_pb2.NetworkMsg(module="consensus", type=msg_type, origin=0,
+                                                              msg=payload))
+
+    def close(self):
+        self.channel.close()
+
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # the original's 4 MB limit rejected large proposals (weak spot 14)
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+
+
+class OnceLogger:
+    """Logs a failure once when it starts and once when it ends, not per retry."""
+
+    def __init__(self, logger: logging.Logger):
+        self.log = logger
+        self.failing: dict[str, str] = {}
+
+    def fail(self, key: str, message: str, *args, **kw) -> None:
+        text = message % args if args else message
+        if self.failing.get(key) != text:
+            self.failing[key] = text
+            self.log.warning(text, **kw)
+
+    def ok(self, key: str, message: str | None = None) -> None:
+        if self.failing.pop(key, None) is not None and message:
+            self.log.info(message)
+
+
+# --------------------------------------------------------------------------
+# The service
+# --------------------------------------------------------------------------
+
+import gevent  # noqa: E402
+import gevent.event  # noqa: E402
+import gevent.queue  # noqa: E402
+
+import raft  # noqa: E402
+from cita_raft_pb import common_pb2, network_pb2  # noqa: E402
+from cita_raft_pb import eraftpb_pb2 as pb  # noqa: E402
+
+INBOX_LIMIT = 4096          # raft messages + commands queued for the peer loop
+OUTBOX_LIMIT = 1024         # raft messages queued per destination
+SNAPSHOT_EVERY = 1000       # applied entries between snapshots (and log compaction)
+KEEP_ENTRIES = 200          # entries kept below a snapshot for followers that lag a little
+SUPERVISE_SECONDS = 3.0     # as the original's main loop
+REREGISTER_SECONDS = 30.0   # re-registration with the network (a restarted network forgets us)
+BOOTSTRAP_INDEX = BOOTSTRAP_TERM = 5  # must equal the Rust service's, on every node
+
+
+def u64_be(value: int) -> bytes:
+    return value.to_bytes(8, "big")
+
+
+class Service:
+    """One consensus node: gRPC servers, supervisor, peer loop, applier,
+    senders. Create, `start()`, then `stop()` (or `wait()` for a signal)."""
+
+    def __init__(self, cfg: Config, logger: logging.Logger | None = None):
+        self.cfg = cfg
+        self.log = logger or log
+        self.once = OnceLogger(self.log)
+        self.address = cfg.node_address
+        self.id = raft.peer_id(self.address)
+        self.metrics = Metrics(cfg.metrics_buckets)
+        self.controller = ControllerClient(cfg.controller_port)
+        self.network = NetworkClient(cfg.network_port)
+        self.storage = None
+        self.node = None                      # the RawNode, owned by the peer loop greenlet
+        self.peer_greenlet = None
+        self.inbox = gevent.queue.Queue()
+        self.mailbook: dict[int, int] = {}    # raft peer id -> network origin
+        self.outboxes: dict[int, gevent.queue.Queue] = {}
+        self.senders: dict[int, gevent.Greenlet] = {}
+        self.apply_queue = gevent.queue.Queue()
+        self.greenlets: list[gevent.Greenlet] = []
+        self.stopping = gevent.event.Event()  # set by stop(): every loop winds down
+        self.stopped = gevent.event.Event()
+        self.halt = gevent.event.Event()      # a signal or a fatal fault asks the main greenlet to stop()
+        self.latest_reconfigure = None        # the latest Reconfigure wins
+        self.reconfigure_event = gevent.event.Event()
+        # The replicated state machine: the chain's configuration at the last
+        # applied block (as the Rust service's snapshot data).
+        self.consensus_config = common_pb2.ConsensusConfiguration()
+        self.block_height = 0                 # height of the last block applied through raft
+        self.controller_height = 0            # latest height the controller told us
+        self.abort_height_mem = 0
+        self.last_probe = 0.0
+        self.grpc_server = None
+        self.metrics_server = None
+        self.registered = False
+        self.fatal: str | None = None
+
+    # ----- life cycle -----
+
+    def start(self) -> None:
+        self.open_storage()
+        self.grpc_server = self.serve_grpc()
+        if self.cfg.enable_metrics:
+            try:
+                self.metrics_server = self.metrics.serve(self.cfg.metrics_port)
+            except OSError as e:
+                raise StartupError(f"cannot serve metrics on port {self.cfg.metrics_port}: {e.strerror}") from None
+        self.log.info("consensus service started: raft id %d, address 0x%s, grpc port %d, data %s",
+                      self.id, self.address.hex(), self.cfg.grpc_listen_port,
+                      os.path.abspath(self.cfg.raft_data_path))
+        self.log.info("controller grpc addr: http://%s", self.controller.addr, extra=ctx(tag="controller"))
+        self.log.info("network grpc addr: http://%s", self.network.addr, extra=ctx(tag="network"))
+        self.greenlets += [gevent.spawn(self.register_loop), gevent.spawn(self.supervisor_loop),
+                           gevent.spawn(self.applier_loop)]
+
+    def open_storage(self) -> None:
+        from raft.disk import DiskStorage
+
+        try:
+            self.storage = DiskStorage.open(self.cfg.raft_data_path, logger=logging.getLogger("raft.disk"))
+        except raft.errors.StorageError as e:
+            raise StartupError(f"cannot open raft data in {self.cfg.raft_data_path}: {e}") from None
+        except OSError as e:
+            raise StartupError(f"cannot open raft data in {self.cfg.raft_data_path}: {e}") from None
+        data = self.storage.applied_data()
+        if data:
+            self.consensus_config = common_pb2.ConsensusConfiguration.FromString(data)
+            self.block_height = self.consensus_config.height
+        self.log.info("raft data opened: applied index %d, block height %d, last index %d",
+                      self.storage.applied_index(), self.block_height, self.storage.last_index())
+
+    def serve_grpc(self):
+        from concurrent import futures
+
+        from cita_raft_pb import consensus_pb2_grpc, health_check_pb2_grpc, network_pb2_grpc
+
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=32),
+                             interceptors=[_MetricsInterceptor(self.metrics)],
+                             options=_CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)])
+        consensus_pb2_grpc.add_ConsensusServiceServicer_to_server(ConsensusServicer(self), server)
+        network_pb2_grpc.add_NetworkMsgHandlerServiceServicer_to_server(NetworkMsgHandler(self), server)
+        health_check_pb2_grpc.add_HealthServicer_to_server(HealthServicer(self), server)
+        port = self.cfg.grpc_listen_port
+        bound = 0
+        for host in ("[::]", "0.0.0.0"):
+            try:
+                bound = server.add_insecure_port(f"{host}:{port}")
+            except RuntimeError:
+                bound = 0
+            if bound:
+                break
+        if not bound:
+            raise StartupError(f"cannot listen on grpc_listen_port {port}: address in use or not permitted")
+        server.start()
+        return server
+
+    def stop(self, grace: float = 3.0) -> None:
+        """Graceful stop: a leader first hands leadership to an up-to-date
+        validator, then we stop serving, finish the current Ready, close the WAL."""
+        if self.stopping.is_set():
+            self.stopped.wait(grace + 5)
+            return
+        self.stopping.set()
+        if self.peer_greenlet is not None and not self.peer_greenlet.dead:
+            done = gevent.event.AsyncResult()
+            self.put_command(("handoff", done))
+            done.wait(grace)
+        if self.grpc_server is not None:
+            self.grpc_server.stop(0.5)
+        self.stop_peer()
+        for g in self.greenlets + list(self.senders.values()):
+            g.kill(block=False)
+        gevent.joinall(self.greenlets, timeout=2)
+        if self.metrics_server is not None:
+            self.metrics_server.stop(timeout=1)
+        if self.storage is not None:
+            try:
+                self.storage.close()
+            except raft.errors.StorageError as e:
+                self.log.error("closing raft data failed: %s", e)
+        self.controller.close()
+        self.network.close()
+        self.stopped.set()
+        self.log.info("consensus service stopped")
+
+    def die(self, reason: str) -> None:
+        """A fault we must not continue after (disk failure): stop at once."""
+        if self.fatal is None:
+            self.fatal = reason
+            self.log.critical("stopping: %s", reason)
+        self.halt.set()
+
+    # ----- network registration and probes -----
+
+    def register_loop(self) -> None:
+        """Register with the network every second until it answers 0, then
+        again every REREGISTER_SECONDS, so a restarted network learns us again
+        (the original registers once)."""
+        self.log.info("registering network msg handler...", extra=ctx(tag="network"))
+        while not self.stopping.is_set():
+            try:
+                code = self.network.register(self.cfg.grpc_listen_port)
+                if code == SUCCESS:
+                    if not self.registered:
+                        self.log.info("registered with the network on port %d", self.network_port())
+                        self.registered = True
+                        self.broadcast_probe(force=True)
+                    self.once.ok("register")
+                else:
+                    self.registered = False
+                    self.once.fail("register", "network RegisterNetworkMsgHandler returned %s, will retry",
+                                   code_name(code))
+            except RpcFailed as e:
+                self.registered = False
+                self.once.fail("register", "%s; will retry every second", e)
+            self.stopping.wait(REREGISTER_SECONDS if self.registered else 1.0)
+
+    def network_port(self) -> int:
+        return self.cfg.network_port
+
+    def broadcast_probe(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_probe < 1.0:
+            return  # the original could storm the network with probes (weak spot 11)
+        self.last_probe = now
+        gevent.spawn(self._broadcast, "probe", u64_be(self.id))
+
+    def _broadcast(self, msg_type: str, payload: bytes) -> None:
+        try:
+            code = self.network.broadcast(msg_type, payload)
+            if code != SUCCESS:
+                self.once.fail("broadcast", "network Broadcast %s returned %s", msg_type, code_name(code))
+            else:
+                self.once.ok("broadcast")
+        except RpcFailed as e:
+            self.once.fail("broadcast", "%s", e)
+
+    def send_control(self, origin: int, msg_type: str, payload: bytes) -> None:
+        gevent.spawn(self._send_control, origin, msg_type, payload)
+
+    def _send_control(self, origin: int, msg_type: str, payload: bytes) -> None:
+        try:
+            self.network.send(origin, msg_type, payload)
+        except RpcFailed as e:
+            self.once.fail("send", "%s", e)
+
+    def learn_origin(self, peer: int, origin: int) -> None:
+        if peer and self.mailbook.get(peer) != origin:
+            self.mailbook[peer] = origin
+            self.log.debug("mailbook: raft peer %d is at origin %d", peer, origin)
+
+    # ----- outgoing raft messages: one ordered queue + sender per peer -----
+
+    def send_raft(self, messages) -> None:
+        for m in messages:
+            to = m.to
+            q = self.outboxes.get(to)
+            if q is None:
+                q = self.outboxes[to] = gevent.queue.Queue(OUTBOX_LIMIT)
+                self.senders[to] = gevent.spawn(self.sender_loop, to, q)
+            try:
+                q.put_nowait(m)
+            except gevent.queue.Full:
+                self.metrics.messages.labels("out", "dropped_overload").inc()
+
+    def sender_loop(self, to: int, q: gevent.queue.Queue) -> None:
+        while True:
+            m = q.get()
+            origin = self.mailbook.get(to)
+            if origin is None:
+                # Unknown peer: drop (raft retransmits) and ask the network who it is.
+                self.metrics.messages.labels("out", "dropped_no_route").inc()
+                self.broadcast_probe()
+                continue
+            try:
+                code = self.network.send(origin, "raft", m.SerializeToString())
+                if code == SUCCESS:
+                    self.metrics.messages.labels("out", "sent").inc()
+                    self.once.ok(f"send-{to}", f"network SendMsg to raft peer {to} works again")
+                else:
+                    self.metrics.messages.labels("out", "failed").inc()
+                    self.once.fail(f"send-{to}", "network SendMsg to raft peer %d returned %s", to,
+                                   code_name(code))
+            except RpcFailed as e:
+                self.metrics.messages.labels("out", "failed").inc()
+                self.once.fail(f"send-{to}", "%s (raft peer %d)", e, to)
+
+    # ----- supervisor: start/stop raft from the validator set -----
+
+    def supervisor_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.supervise_once()
+            except raft.errors.StorageError as e:
+                self.die(f"raft data: {e}")
+                return
+            self.reconfigure_event.wait(SUPERVISE_SECONDS)
+            self.reconfigure_event.clear()
+
+    def supervise_once(self) -> None:
+        config = self.latest_reconfigure
+        self.latest_reconfigure = None
+        if config is None:
+            try:
+                code, config = self.controller.ping()
+            except RpcFailed as e:
+                self.once.fail("ping", "%s; will retry", e, extra=ctx(tag="controller"))
+                return
+            if code != SUCCESS or config is None:
+                self.once.fail("ping", "controller CommitBlock ping returned %s, will retry", code_name(code))
+                return
+            self.once.ok("ping", "controller answers again")
+        self.on_controller_config(config)
+
+    def on_controller_config(self, config) -> None:
+        self.controller_height = config.height
+        validators = list(config.validators)
+        if self.peer_running():
+            self.put_command(("config", config))
+        if self.address in validators:
+            self.abort_height_mem = config.height + 2
+            if not self.peer_running():
+                self.start_peer(config)
+            return
+        if self.abort_height_mem > self.storage.abort_height():
+            self.storage.set_abort_height(self.abort_height_mem)
+        if config.height < self.storage.abort_height():
+            # Keep raft running until our own removal is through (abort-height rule).
+            if not self.peer_running() and self.storage_initialized():
+                self.start_peer(config)
+        elif self.peer_running():
+            self.log.info("not a validator at height %d (abort height %d): leaving raft",
+                          config.height, self.storage.abort_height())
+            self.stop_peer()
+
+    def peer_running(self) -> bool:
+        return self.peer_greenlet is not None and not self.peer_greenlet.dead
+
+    def storage_initialized(self) -> bool:
+        st = self.storage.initial_state()
+        return bool(st.conf_state.voters or st.hard_state.term or self.storage.last_index())
+
+    def start_peer(self, config) -> None:
+        if not self.storage_initialized():
+            if self.address not in config.validators:
+                return
+            self.bootstrap(config)
+        self.recommit_after_restart()
+        cfg = raft.Config(id=self.id, election_tick=self.cfg.election_tick, heartbeat_tick=self.cfg.heartbeat_tick,
+                          applied=self.storage.applied_index(), check_quorum=self.cfg.check_quorum,
+                          pre_vote=self.cfg.pre_vote, max_size_per_msg=1024 * 1024, max_inflight_msgs=256)
+        self.node = raft.RawNode(cfg, self.storage, logger=logging.getLogger("raft"))
+        self.conf_state = self.storage.initial_state().conf_state
+        if not self.consensus_config.validators:
+            self.consensus_config = config
+        first = config.validators[0] if config.validators else None
+        if self.bootstrapped_now and first == self.address:
+            self.node.campaign()   # the first validator starts the first election at once
+        self.bootstrapped_now = False
+        self.metrics.peer_running.set(1)
+        self.peer_greenlet = gevent.spawn(self.peer_loop)
+        self.log.info("raft started: id %d, applied %d, block height %d, voters %s", self.id,
+                      self.storage.applied_index(), self.block_height, sorted(self.conf_state.voters))
+
+    bootstrapped_now = False
+
+    def bootstrap(self, config) -> None:
+        """An empty data dir: start from the synthetic snapshot every node of the
+        chain derives identically (index 5, term 5, all validators as voters)."""
+        voters = sorted({raft.peer_id(v) for v in config.validators})
+        snap = pb.Snapshot(metadata=pb.SnapshotMetadata(conf_state=pb.ConfState(voters=voters),
+                                                        index=BOOTSTRAP_INDEX, term=BOOTSTRAP_TERM))
+        self.storage.apply_snapshot(snap)
+        self.consensus_config = common_pb2.ConsensusConfiguration(
+            height=config.height, block_interval=config.block_interval, validators=config.validators)
+        self.block_height = config.height
+        self.storage.set_applied(BOOTSTRAP_INDEX, snap.metadata.conf_state,
+                                 self.consensus_config.SerializeToString())
+        self.storage.sync()
+        self.bootstrapped_now = True
+        self.log.info("bootstrapped raft at index %d term %d with %d validators at height %d",
+                      BOOTSTRAP_INDEX, BOOTSTRAP_TERM, len(voters), config.height)
+
+    def recommit_after_restart(self) -> None:
+        """Raft applied blocks the controller does not have (it lost them in a
+        crash): commit them again from our log, in order."""
+        if self.block_height <= self.controller_height:
+            return
+        first, last = self.storage.first_index(), self.storage.applied_index()
+        if last < first:
+            return
+        try:
+            entries = self.storage.entries(first, last + 1)
+        except raft.errors.RaftError:
+            return
+        for e in entries:
+            if e.entry_type != pb.EntryNormal or not e.data:
+                continue
+            try:
+                proposal = common_pb2.Proposal.FromString(e.data)
+            except Exception:
+                continue
+            if self.controller_height < proposal.height <= self.block_height:
+                self.log.info("recommitting block %d after restart (controller is at %d)", proposal.height,
+                              self.controller_height)
+                self.commit_to_controller(proposal, check=True)
+
+    def stop_peer(self) -> None:
+        g = self.peer_greenlet
+        if g is None or g.dead:
+            return
+        self.put_command(("stop", None), force=True)
+        g.join(timeout=5)
+        if not g.dead:
+            g.kill()
+        self.peer_greenlet = None
+        self.node = None
+        self.metrics.peer_running.set(0)
+        self.metrics.role.set(0)
+
+    # ----- inbox -----
+
+    def put_command(self, item, force: bool = False) -> bool:
+        """Queue an item for the peer loop. Items from the network are bounded
+        (dropped when INBOX_LIMIT are waiting); internal commands (force) are not."""
+        if not force and self.inbox.qsize() >= INBOX_LIMIT:
+            return False
+        self.inbox.put(item)
+        return True
+
+    def deliver_raft(self, msg) -> bool:
+        """From ProcessNetworkMsg: never blocks; drops when raft is not running
+        or the loop is overloaded (raft retransmits)."""
+        if not self.peer_running():
+            self.metrics.messages.labels("in", "dropped_not_running").inc()
+            return False
+        if not self.put_command(("raft", msg)):
+            self.metrics.messages.labels("in", "dropped_overload").inc()
+            return False
+        self.metrics.messages.labels("in", "received").inc()
+        return True
+
+    # ----- the peer loop: sole owner of the RawNode -----
+
+    def peer_loop(self) -> None:
+        try:
+            self._peer_loop()
+        except raft.errors.StorageError as e:
+            self.die(f"raft data: {e}")
+        except Exception:
+            self.log.exception("raft loop crashed")
+            self.die("raft loop crashed")
+
+    def _peer_loop(self) -> None:
+        node = self.node
+        tick_s = self.cfg.tick_interval_in_millis / 1000.0
+        next_tick = time.monotonic() + tick_s
+        self.role = None
+        self.leader = 0
+        self.proposal_in_flight = None     # (height, raft index, started monotonic) while proposed
+        self.fetching = False
+        self.cc_pending = False
+        self.last_progress = time.monotonic()  # last time the leader proposed a valid block
+        self.handoff_waiters = []
+        while True:
+            timeout = max(0.0, next_tick - time.monotonic())
+            try:
+                item = self.inbox.get(timeout=timeout)
+            except gevent.queue.Empty:
+                item = None
+            n = 0
+            while item is not None:
+                if item[0] == "stop":
+                    self.handle_ready()
+                    return
+                self.handle_item(item)
+                n += 1
+                if n >= 256:
+                    break
+                try:
+                    item = self.inbox.get_nowait()
+                except gevent.queue.Empty:
+                    item = None
+            now = time.monotonic()
+            if now >= next_tick:
+                while now >= next_tick:
+                    node.tick()
+                    next_tick += tick_s
+                self.on_tick()
+            self.handle_ready()
+
+    def handle_item(self, item) -> None:
+        kind, value = item
+        node = self.node
+        if kind == "raft":
+            try:
+                node.step(value)
+            except raft.errors.StepPeerNotFound:
+                self.metrics.messages.labels("in", "unknown_peer").inc()
+            except raft.errors.RaftError as e:
+                self.log.debug("raft rejected a message from %d: %s", getattr(value, "from"), e)
+        elif kind == "proposal":
+            self.propose_block(value)
+        elif kind == "applied":
+            index, conf_state, data = value
+            self.storage.set_applied(index, conf_state, data)
+            node.advance_apply_to(index)
+            self.metrics.applied_index.set(index)
+            if index - self.storage.first_index() >= SNAPSHOT_EVERY + KEEP_ENTRIES:
+                self.compact(index, conf_state)
+        elif kind == "conf_change":
+            entry, done = value
+            cc = pb.ConfChangeV2.FromString(entry.data)
+            try:
+                cs = node.apply_conf_change(cc)
+            except raft.errors.RaftError as e:
+                self.log.error("cannot apply conf change at index %d: %s", entry.index, e)
+                cs = self.conf_state
+            self.conf_state = cs
+            self.cc_pending = False
+            self.log.info("applied conf change at index %d: voters %s%s", entry.index, sorted(cs.voters),
+                          f", outgoing {sorted(cs.voters_outgoing)}" if cs.voters_outgoing else "")
+            done.set(cs)
+        elif kind == "config":
+            self.on_new_config(value)
+        elif kind == "handoff":
+            self.handoff(value)
+        elif kind == "snapshot_applied":
+            self.conf_state = value
+
+    def compact(self, applied: int, conf_state) -> None:
+        cs = conf_state if conf_state is not None else self.conf_state
+        self.storage.create_snapshot(applied, cs, self.consensus_config.SerializeToString())
+        target = max(self.storage.first_index(), applied - KEEP_ENTRIES)
+        self.storage.compact(target)
+        self.log.debug("snapshot at index %d, log compacted below %d", applied, target)
+
+    def on_new_config(self, config) -> None:
+        """A Reconfigure or ping reached the running peer (the original dropped
+        it): adopt the validators and interval when they are at least as new as
+        our last block. A controller that synced blocks from peers is ahead of
+        raft: those heights are committed there already, so raft's height moves
+        up with it and the next proposal has the right height."""
+        if config.height < self.block_height:
+            return
+        self.block_height = config.height
+        self.metrics.block_height.set(self.block_height)
+        self.consensus_config = common_pb2.ConsensusConfiguration(
+            height=self.block_height, block_interval=config.block_interval, validators=config.validators)
+
+    def on_tick(self) -> None:
+        st = self.node.status()
+        self.metrics.term.set(st.term)
+        self.metrics.commit_index.set(st.commit)
+        if st.role == raft.StateRole.Leader:
+            self.leader_duties(st)
+
+    # ----- leader duties: proposals, conf changes, transfers -----
+
+    def block_interval(self) -> float:
+        return float(self.consensus_config.block_interval)
+
+    def election_timeout(self) -> float:
+        return self.cfg.election_tick * self.cfg.tick_interval_in_millis / 1000.0
+
+    def leader_duties(self, st) -> None:
+        now = time.monotonic()
+        if self.stopping.is_set():
+            return
+        cs = self.conf_state
+        if self.maybe_conf_change(st, cs):
+            return
+        # Only one block at a time, and only once everything in the log is
+        # applied, so the controller's height tells the next height exactly.
+        if self.proposal_in_flight is not None:
+            height, index, started = self.proposal_in_flight
+            if self.block_height >= height:
+                self.proposal_in_flight = None
+            elif now - started > max(self.election_timeout(), 4 * self.block_interval()):
+                self.log.warning("proposal for height %d not committed in time, fetching again", height)
+                self.proposal_in_flight = None
+            else:
+                return
+        stall = max(4 * self.block_interval(), self.election_timeout())
+        if now - self.last_progress > stall and not cs.voters_outgoing:
+            target = self.transfer_target(st, set(cs.voters))
+            if target:
+                self.log.warning("no valid proposal for %.1f s, transferring leadership to %d", stall, target)
+                self.node.transfer_leader(target)
+                self.last_progress = now
+                return
+        if self.fetching or st.applied < st.last_index or self.cc_pending:
+            return
+        if now - self.last_block_time < self.block_interval():
+            return
+        self.fetching = True
+        gevent.spawn(self.fetch_proposal, self.block_height)
+
+    last_block_time = 0.0
+
+    def fetch_proposal(self, height: int) -> None:
+        try:
+            code, proposal = self.controller.get_proposal()
+        except RpcFailed as e:
+            self.once.fail("get_proposal", "%s, will retry", e, extra=ctx(tag="controller"))
+            self.metrics.controller_errors.labels("GetProposal").inc()
+            gevent.sleep(min(1.0, max(0.1, self.block_interval())))
+            self.put_command(("proposal", None))
+            return
+        if code not in (SUCCESS, NO_TRANSACTION) or proposal is None:
+            self.once.fail("get_proposal", "controller GetProposal returned %s, will retry", code_name(code))
+            gevent.sleep(min(1.0, max(0.1, self.block_interval())))
+            self.put_command(("proposal", None))
+            return
+        self.once.ok("get_proposal", "controller GetProposal works again")
+        self.put_command(("proposal", proposal), force=True)
+
+    def propose_block(self, proposal) -> None:
+        self.fetching = False
+        if proposal is None or self.node is None:
+            return
+        st = self.node.status()
+        if st.role != raft.StateRole.Leader:
+            return
+        if proposal.height != self.block_height + 1:
+            self.log.debug("dropping proposal with height %d (raft height %d)", proposal.height, self.block_height)
+            self.metrics.proposals.labels("wrong_height").inc()
+            return
+        try:
+            self.node.propose(proposal.SerializeToString())
+        except raft.errors.ProposalDropped as e:
+            self.metrics.proposals.labels("dropped").inc()
+            self.log.debug("proposal for height %d dropped: %s", proposal.height, e)
+            return
+        self.metrics.proposals.labels("proposed").inc()
+        now = time.monotonic()
+        self.proposal_in_flight = (proposal.height, st.last_index + 1, now)
+        self.proposed_at = {proposal.height: now}
+        self.last_progress = now
+        self.log.debug("proposed block %d at index %d", proposal.height, st.last_index + 1)
+
+    proposed_at: dict = {}
+
+    def transfer_target(self, st, allowed: set[int]) -> int:
+        """An up-to-date follower: Replicate state and fully matched."""
+        candidates = [pid for pid, (match, _next, state) in st.progress.items()
+                      if pid != self.id and pid in allowed and match == st.last_index
+                      and str(state).endswith("Replicate")]
+        return sorted(candidates)[0] if candidates else 0
+
+    def maybe_conf_change(self, st, cs) -> bool:
+        """Propose the ConfChangeV2 that turns the raft voters into the chain's
+        validators. True while a change is in progress (no blocks meanwhile)."""
+        if self.cc_pending:
+            return True
+        if cs.voters_outgoing:
+            return True  # joint: raft leaves it automatically
+        target = {raft.peer_id(v) for v in self.consensus_config.validators}
+        current = set(cs.voters)
+        if not target or target == current:
+            return False
+        if st.applied < st.last_index:
+            return True  # let what is in the log be applied first
+        added, removed = target - current, current - target
+        if added == target and removed == current:
+            removed = set()  # replace-all: first add every new validator, then remove the old
+        if self.id in removed:
+            dest = self.transfer_target(st, target & current)
+            if dest:
+                self.log.info("leader %d is being removed: transferring leadership to %d first", self.id, dest)
+                self.node.transfer_leader(dest)
+            return True
+        changes = [pb.ConfChangeSingle(change_type=pb.AddNode, node_id=n) for n in sorted(added)]
+        changes += [pb.ConfChangeSingle(change_type=pb.RemoveNode, node_id=n) for n in sorted(removed)]
+        try:
+            self.node.propose_conf_change(pb.ConfChangeV2(transition=pb.Auto, changes=changes))
+        except raft.errors.RaftError as e:
+            self.log.debug("conf change not proposed: %s", e)
+            return True
+        self.cc_pending = True
+        self.log.info("proposed conf change: add %s, remove %s", sorted(added), sorted(removed))
+        return True
+
+    def handoff(self, done) -> None:
+        """Before a graceful stop: hand leadership to an up-to-date validator
+        so the chain does not wait an election timeout."""
+        st = self.node.status()
+        if st.role != raft.StateRole.Leader:
+            done.set(False)
+            return
+        target = self.transfer_target(st, set(self.conf_state.voters))
+        if not target:
+            done.set(False)
+            return
+        self.log.info("shutting down: transferring leadership to %d", target)
+        self.node.transfer_leader(target)
+        self.handoff_waiters.append(done)
+
+    # ----- Ready handling -----
+
+    def handle_ready(self) -> None:
+        node = self.node
+        if not node.has_ready():
+            return
+        rd = node.ready()
+        if rd.soft_state is not None:
+            self.on_soft_state(rd.soft_state)
+        if rd.messages:
+            self.send_raft(rd.messages)
+        if rd.snapshot is not None and rd.snapshot.metadata.index:
+            self.install_snapshot(rd.snapshot)
+        if rd.entries:
+            self.storage.append(rd.entries)
+        if rd.hard_state is not None:
+            self.storage.set_hardstate(rd.hard_state)
+        if rd.entries or rd.hard_state is not None or rd.snapshot is not None or rd.must_sync:
+            t0 = time.perf_counter()
+            self.storage.sync()
+            self.metrics.fsync.observe((time.perf_counter() - t0) * 1000)
+        if rd.persisted_messages:
+            self.send_raft(rd.persisted_messages)
+        if rd.committed_entries:
+            self.apply_queue.put(list(rd.committed_entries))
+        node.advance(rd)
+
+    def on_soft_state(self, ss) -> None:
+        role_codes = {raft.StateRole.Follower: 0, raft.StateRole.Candidate: 1, raft.StateRole.Leader: 2,
+                      raft.StateRole.PreCandidate: 3}
+        st = self.node.status()
+        if ss.role != self.role:
+            if ss.role in (raft.StateRole.Candidate, raft.StateRole.PreCandidate) and self.role not in (
+                    raft.StateRole.Candidate, raft.StateRole.PreCandidate):
+                self.metrics.elections.inc()
+            self.log.info("became %s term=%d index=%d", str(ss.role).split(".")[-1].lower(), st.term,
+                          st.last_index)
+            if ss.role == raft.StateRole.Leader:
+                self.last_progress = time.monotonic()
+                self.last_block_time = 0.0
+            else:
+                self.proposal_in_flight = None
+                self.cc_pending = False
+                for w in self.handoff_waiters:
+                    w.set(True)
+                self.handoff_waiters = []
+            self.role = ss.role
+            self.metrics.role.set(role_codes.get(ss.role, 0))
+        if ss.leader_id != self.leader:
+            if ss.leader_id:
+                self.log.info("leader is %d term=%d", ss.leader_id, st.term)
+            self.metrics.leader_changes.inc()
+            self.leader = ss.leader_id
+            self.metrics.leader_id.set(ss.leader_id)
+
+    def install_snapshot(self, snap) -> None:
+        """A snapshot from the leader: the chain configuration at its index."""
+        self.storage.apply_snapshot(snap)
+        config = common_pb2.ConsensusConfiguration.FromString(snap.data) if snap.data else None
+        # Hand it to the applier so that it is ordered after what it is applying now.
+        self.apply_queue.put(("snapshot", snap, config))
+        self.conf_state = snap.metadata.conf_state
+        self.cc_pending = False
+        self.log.info("installed snapshot index=%d term=%d height=%s voters %s", snap.metadata.index,
+                      snap.metadata.term, config.height if config else "?", sorted(snap.metadata.conf_state.voters))
+
+    # ----- applier: committed entries -> controller, in order -----
+
+    def applier_loop(self) -> None:
+        while True:
+            batch = self.apply_queue.get()
+            if isinstance(batch, tuple) and batch[0] == "snapshot":
+                _, snap, config = batch
+                if config is not None:
+                    self.consensus_config = config
+                    self.block_height = max(self.block_height, config.height)
+                    self.metrics.block_height.set(self.block_height)
+                self.put_command(("applied", (snap.metadata.index, snap.metadata.conf_state,
+                                              self.consensus_config.SerializeToString())), force=True)
+                continue
+            for entry in batch:
+                if self.stopping.is_set() and self.fatal:
+                    return
+                self.apply_entry(entry)
+
+    def apply_entry(self, entry) -> None:
+        conf_state = None
+        if entry.entry_type == pb.EntryConfChangeV2:
+            done = gevent.event.AsyncResult()
+            self.put_command(("conf_change", (entry, done)), force=True)
+            conf_state = done.get()
+        elif entry.entry_type == pb.EntryConfChange:
+            self.log.error("ignoring a ConfChange V1 entry at index %d: this chain uses ConfChangeV2 only",
+                           entry.index)
+        elif entry.data:
+            try:
+                proposal = common_pb2.Proposal.FromString(entry.data)
+            except Exception:
+                self.log.error("entry %d is not a Proposal (%d bytes): skipped", entry.index, len(entry.data))
+                proposal = None
+            if proposal is not None and proposal.height > self.block_height:
+                self.commit_to_controller(proposal, check=True)
+                self.block_height = max(self.block_height, proposal.height)
+                self.metrics.block_height.set(self.block_height)
+                self.last_block_time = time.monotonic()
+                started = self.proposed_at.pop(proposal.height, None)
+                if started is not None:
+                    self.metrics.commit_latency.observe((time.monotonic() - started) * 1000)
+        self.put_command(("applied", (entry.index, conf_state, self.consensus_config.SerializeToString())),
+                         force=True)
+
+    def commit_to_controller(self, proposal, check: bool) -> bool:
+        """CheckProposal then CommitBlock (empty proof). Transient failures are
+        retried with backoff until they succeed: the block is agreed and must
+        not be lost. A definite rejection is logged and skipped (the
+        controller will sync the block from its peers)."""
+        delay = 0.1
+        h = proposal.height
+        while not self.stopping.is_set():
+            try:
+                if check:
+                    code = self.controller.check_proposal(proposal)
+                    if code not in (SUCCESS, PROPOSAL_TOO_LOW):
+                        if is_transient(code):
+                            raise _Retry(f"controller CheckProposal height={h} returned {code_name(code)}")
+                        self.log.error("controller rejected the agreed block height=%d: CheckProposal returned %s;"
+                                       " skipping it (the controller syncs it from peers)", h, code_name(code))
+                        return False
+                code, config = self.controller.commit_block(proposal, b"")
+                if code != SUCCESS:
+                    if is_transient(code):
+                        raise _Retry(f"controller CommitBlock height={h} returned {code_name(code)}")
+                    self.log.error("controller CommitBlock height=%d returned %s; skipping it", h, code_name(code))
+                    return False
+                self.once.ok("commit", f"controller accepts blocks again at height {h}")
+                if config is not None:
+                    self.consensus_config = common_pb2.ConsensusConfiguration(
+                        height=h, block_interval=config.block_interval, validators=config.validators)
+                self.log.info("committed block height=%d", h)
+                return True
+            except (RpcFailed, _Retry) as e:
+                self.metrics.controller_errors.labels("CommitBlock").inc()
+                self.once.fail("commit", "%s, will retry", e, extra=ctx(tag="controller"))
+            self.stopping.wait(delay)
+            delay = min(delay * 2, 3.0)
+        return False
+
+
+class _Retry(Exception):
+    pass
+
+
+class StartupError(Exception):
+    """The service cannot start (port in use, damaged data...): one line, exit 1."""
+
+
+# --------------------------------------------------------------------------
+# gRPC servicers
+# --------------------------------------------------------------------------
+
+class _MetricsInterceptor(grpc.ServerInterceptor):
+    """Latency histograms per calling client, named `<client-name>_to_<Method>`
+    in ms, for requests that carry the `client-name` metadata (as the original's
+    middleware; health probes carry none and are not measured)."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        client = dict(handler_call_details.invocation_metadata or ()).get("client-name")
+        if handler is None or client is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        inner = handler.unary_unary
+        metrics = self.metrics
+
+        def timed(request, context):
+            t0 = time.perf_counter()
+            try:
+                return inner(request, context)
+            finally:
+                metrics.observe_rpc(client, method, (time.perf_counter() - t0) * 1000)
+
+        return grpc.unary_unary_rpc_method_handler(timed, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+
+
+class ConsensusServicer:
+    """consensus.ConsensusService: what the controller calls."""
+
+    def __init__(self, service: Service):
+        self.service = service
+
+    def Reconfigure(self, request, context):  # noqa: N802 (gRPC method name)
+        # Answer at once; the supervisor and a running peer both see it, and
+        # the latest configuration wins.
+        s = self.service
+        s.latest_reconfigure = request
+        s.reconfigure_event.set()
+        s.log.debug("reconfigure: height %d, interval %d, %d validators", request.height,
+                    request.block_interval, len(request.validators))
+        return common_pb2.StatusCode(code=SUCCESS)
+
+    def CheckBlock(self, request, context):  # noqa: N802
+        # Raft is crash-fault tolerant: blocks carry an empty proof and any
+        # block the controller syncs from a peer is accepted here.
+        return common_pb2.StatusCode(code=SUCCESS)
+
+
+class NetworkMsgHandler:
+    """network.NetworkMsgHandlerService: messages from peers, via the network."""
+
+    def __init__(self, service: Service):
+        self.service = service
+
+    def ProcessNetworkMsg(self, request, context):  # noqa: N802
+        s = self.service
+        if request.module != "consensus":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"wrong module {request.module!r}: this service handles module 'consensus'")
+        kind, origin = request.type, request.origin
+        if kind == "raft":
+            try:
+                msg = pb.Message.FromString(request.msg)
+            except Exception:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"undecodable raft message ({len(request.msg)} bytes) from origin {origin}")
+            sender = getattr(msg, "from")
+            s.learn_origin(sender, origin)
+            if msg.to != s.id:
+                # The sender's mailbook points at us for another id: tell it.
+                s.send_control(origin, "refresh", u64_be(msg.to))
+                return common_pb2.StatusCode(code=SUCCESS)
+            s.deliver_raft(msg)
+        elif kind in ("probe", "probe-resp", "refresh"):
+            if len(request.msg) != 8:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"{kind} payload must be an 8-byte big-endian raft id, got {len(request.msg)} bytes")
+            peer = int.from_bytes(request.msg, "big")
+            if kind == "probe":
+                s.learn_origin(peer, origin)
+                s.send_control(origin, "probe-resp", u64_be(s.id))
+            elif kind == "probe-resp":
+                s.learn_origin(peer, origin)
+            else:
+                if s.mailbook.get(peer) == origin:
+                    del s.mailbook[peer]
+                s.broadcast_probe()
+        else:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"unknown message type {kind!r} (expected raft, probe, probe-resp or refresh)")
+        return common_pb2.StatusCode(code=SUCCESS)
+
+
+class HealthServicer:
+    """grpc.health.v1.Health/Check: SERVING while the service runs."""
+
+    def __init__(self, service: Service):
+        self.service = service
+
+    def Check(self, request, context):  # noqa: N802
+        from cita_raft_pb import health_check_pb2
+
+        status = health_check_pb2.HealthCheckResponse.SERVING
+        if self.service.fatal:
+            status = health_check_pb2.HealthCheckResponse.NOT_SERVING
+        return health_check_pb2.HealthCheckResponse(status=status)
+
+
+# --------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------
 
@@ -447,7 +1603,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_service(cfg: Config) -> int:
-    raise NotImplementedError("the service lands with issue 5")
+    """Run until SIGTERM/SIGINT (exit 0) or a fatal fault (exit 1)."""
+    import signal
+
+    service = Service(cfg)
+    try:
+        service.start()
+    except StartupError as e:
+        log.critical("cannot start: %s", e)
+        print(f"error: {e}", file=sys.stderr)
+        service.stop()
+        return 1
+
+    def on_signal(signum):
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        service.halt.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, on_signal, signum)
+    service.halt.wait()
+    service.stop()
+    return 1 if service.fatal else 0
 
 
 if __name__ == "__main__":
