@@ -1,0 +1,280 @@
+"""Interop: this project's RawNode and etcd raft in one Raft group, message by message.
+
+Every test runs a mixed cluster under the oracle's deterministic router (see
+tests/interop/harness.py).  Layouts read left to right from node 1: "PEE" is a
+Python node 1 with two etcd followers.  Node 1 is the first leader, so each
+scenario runs once with a Python leader over etcd followers and once with an
+etcd leader over Python followers; 5-node layouts mix both kinds among the
+followers.  Unless a test says otherwise every message is delivered the way
+raft-rs sends it (proto3, raft-rs-only fields set); the 'raw' runs deliver
+etcd's proto2 bytes as they are.
+
+The oracle is built once per session into a cache dir; if it cannot be built
+the tests fail with the build output (they never skip).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+from tests.interop import oracle as oracle_mod
+from tests.interop.harness import E, MixedCluster
+
+PY_LEADS = ["PEE", "PEEPE"]     # a Python leader, etcd followers (and one Python follower in 5)
+ETCD_LEADS = ["EPP", "EPPEP"]   # an etcd leader, Python followers (and one etcd follower in 5)
+
+
+@pytest.fixture(scope="session")
+def oracle() -> oracle_mod.Oracle:
+    try:
+        return oracle_mod.build()
+    except oracle_mod.OracleBuildError as exc:
+        pytest.fail(f"the etcd raft oracle could not be built, so interop is unproven:\n{exc}")
+
+
+@pytest.fixture(scope="session")
+def raftpb(oracle):
+    return oracle_mod.import_raftpb(oracle)
+
+
+@pytest.fixture
+def make_cluster(oracle, raftpb):
+    """Start clusters inside a test; every one is closed (its processes ended) afterwards."""
+    with contextlib.ExitStack() as stack:
+        def make(layout: str, **kw) -> MixedCluster:
+            return stack.enter_context(MixedCluster(oracle, layout, raftpb=raftpb, **kw))
+        yield make
+
+
+def cs_key(cs: E.ConfState) -> tuple:
+    return (sorted(cs.voters), sorted(cs.learners), sorted(cs.voters_outgoing),
+            sorted(cs.learners_next), cs.auto_leave)
+
+
+def assert_logs_identical(c: MixedCluster, ids) -> None:
+    """Every node in `ids` applied exactly the same (index, term, type, data) sequence."""
+    ids = list(ids)
+    ref = c.committed(ids[0])
+    for i in ids[1:]:
+        got = c.committed(i)
+        if got != ref:
+            diff = next((k for k, (a, b) in enumerate(zip(got, ref, strict=False)) if a != b),
+                        min(len(got), len(ref)))
+            raise AssertionError(
+                f"node {i} ({c.layout[i]}) applied {len(got)} entries, node {ids[0]} ({c.layout[ids[0]]}) "
+                f"{len(ref)}; first difference at position {diff}: {got[diff:diff + 1]} vs {ref[diff:diff + 1]}")
+
+
+def assert_same_term_and_leader(c: MixedCluster, ids, leader: int) -> int:
+    st = {i: c.status(i) for i in ids}
+    terms = {i: s["term"] for i, s in st.items()}
+    assert len(set(terms.values())) == 1, f"terms differ: {terms}"
+    leads = {i: int(s["lead"], 16) for i, s in st.items()}   # etcd's Status JSON writes ids in hex
+    assert set(leads.values()) == {leader}, f"expected every node to follow {leader}: {leads}"
+    return terms[leader]
+
+
+def elect(c: MixedCluster, nid: int = 1) -> None:
+    c.campaign(nid)
+    assert c.leader_of(c.voters) == nid, f"campaign of {nid} did not make it leader: {c.roles()}"
+
+
+# ---------------------------------------------------------------- elections
+
+@pytest.mark.parametrize("layout", PY_LEADS + ETCD_LEADS)
+def test_election_by_campaign(make_cluster, layout):
+    c = make_cluster(layout)
+    elect(c, 1)
+    term = assert_same_term_and_leader(c, c.nodes, 1)
+    # Raft §5.2: every voter persisted its vote for 1 in that term before answering.
+    for i in c.nodes:
+        last = c.hard_states[i][-1]
+        assert (last.term, last.vote) == (term, 1), f"node {i} ({layout[i - 1]}) persisted {last}"
+    c.propose(1, [b"after-campaign-%d" % k for k in range(5)])
+    assert_logs_identical(c, c.nodes)
+    assert c.data_log(2) == [b"after-campaign-%d" % k for k in range(5)]
+    c.assert_clean()
+
+
+@pytest.mark.parametrize("layout", PY_LEADS + ETCD_LEADS)
+def test_election_by_timeout(make_cluster, layout):
+    """Only ticks: the kind of node 1 gets the short election timeout, so it wins (Raft §5.2)."""
+    favoured = layout[0]
+    extra = {i + 1: ([] if k == favoured else ["-election", "30"]) for i, k in enumerate(layout)}
+    c = make_cluster(layout, extra=extra)
+    lead = c.elect_by_ticks()
+    assert c.layout[lead] == favoured, f"expected a {favoured} leader: {c.roles()}"
+    assert_same_term_and_leader(c, c.nodes, lead)
+    c.propose(lead, [b"after-timeout"])
+    # heartbeats keep the leader in place while everyone keeps ticking
+    c.tick(c.nodes, rounds=40)
+    assert c.leader_of(c.nodes) == lead, c.roles()
+    assert_logs_identical(c, c.nodes)
+    assert c.data_log(2) == [b"after-timeout"]
+    c.assert_clean()
+
+
+# ---------------------------------------------------------------- replication
+
+@pytest.mark.parametrize("mode", ["rs", "raw"])
+@pytest.mark.parametrize("layout", PY_LEADS + ETCD_LEADS)
+def test_thousand_proposals_identical_logs(make_cluster, layout, mode):
+    c = make_cluster(layout, reencode=mode)
+    elect(c, 1)
+    payloads = [b"prop-%06d" % k for k in range(1000)]
+    c.propose(1, payloads, window=10)
+    for i in c.nodes:
+        assert c.data_log(i) == payloads, f"node {i} ({c.layout[i]}) applied {len(c.data_log(i))} of 1000"
+    assert_logs_identical(c, c.nodes)
+    assert c.status(1)["commit"] == c.committed(1)[-1][0]
+    c.assert_clean()
+
+
+def test_proposals_forwarded_by_followers(make_cluster):
+    """A proposal made on a follower of either kind is forwarded to the leader (MsgPropose)."""
+    c = make_cluster("PEPE")
+    elect(c, 1)
+    c.propose(2, [b"via-etcd-follower"])
+    c.propose(3, [b"via-python-follower"])
+    elect(c, 2)   # now an etcd leader
+    c.propose(3, [b"via-python-follower-2"])
+    for i in c.nodes:
+        assert c.data_log(i) == [b"via-etcd-follower", b"via-python-follower", b"via-python-follower-2"]
+    assert_logs_identical(c, c.nodes)
+    c.assert_clean()
+
+
+# ---------------------------------------------------------------- leader transfer
+
+@pytest.mark.parametrize("layout", ["PEE", "PEEPE", "EPP", "EPPEP"])
+def test_leader_transfer(make_cluster, layout):
+    """Transfer 1 -> 2 (P->E or E->P) to a target that first has to catch up (thesis §3.10)."""
+    c = make_cluster(layout)
+    elect(c, 1)
+    c.propose(1, [b"before-%d" % k for k in range(3)])
+    c.partitioned.add(2)
+    c.propose(1, [b"while-2-lags-%d" % k for k in range(10)])
+    c.partitioned.clear()
+    c.transfer(1, 2)
+    assert c.leader_of(c.nodes) == 2, f"transfer to 2 failed: {c.roles()}"
+    term = assert_same_term_and_leader(c, c.nodes, 2)
+    assert term == c.hard_states[1][0].term + 1, "a transfer is one election: one term later"
+    c.propose(2, [b"after-transfer"])
+    assert_logs_identical(c, c.nodes)
+    assert c.data_log(3)[-1] == b"after-transfer"
+    c.assert_clean()
+
+
+# ---------------------------------------------------------------- membership
+
+@pytest.mark.parametrize("layout", ["PEEE", "PEEP", "EPPP", "EPPE"])
+def test_joint_conf_change_auto_leave(make_cluster, layout):
+    """ConfChangeV2 {add 4, remove 3}, transition Auto: joint config, then auto-leave (thesis §4.3)."""
+    c = make_cluster(layout, voters=[1, 2, 3])
+    elect(c, 1)
+    c.propose(1, [b"before-cc-%d" % k for k in range(5)])
+    cc = E.ConfChangeV2(transition=E.Auto, changes=[
+        E.ConfChangeSingle(change_type=E.AddNode, node_id=4),
+        E.ConfChangeSingle(change_type=E.RemoveNode, node_id=3)])
+    c.propose_cc(1, cc)
+    # etcd 3.4 appends the leave entry in Advance without sending it: one heartbeat carries it
+    c.tick([1])
+    c.propose(1, [b"after-cc-%d" % k for k in range(5)])
+    joint = ([1, 2, 4], [], [1, 2, 3], [], True)
+    final = ([1, 2, 4], [], [], [], False)
+    for i in (1, 2, 4):
+        got = [cs_key(cs) for cs in c.conf_states[i]]
+        assert got == [joint, final], f"node {i} ({c.layout[i]}) applied conf states {got}"
+    got3 = [cs_key(cs) for cs in c.conf_states[3]]
+    assert got3 and got3 == [joint, final][:len(got3)], f"removed node 3 applied {got3}"
+    assert_logs_identical(c, [1, 2, 4])
+    cc_entries = [e for e in c.committed(1) if e[2] == E.EntryConfChangeV2]
+    assert len(cc_entries) == 2, f"expected enter-joint and auto-leave entries, got {cc_entries}"
+    leave = E.ConfChangeV2()
+    leave.ParseFromString(cc_entries[1][3])
+    assert not leave.changes, f"the auto-leave entry must be an empty ConfChangeV2, got {leave}"
+    assert sorted(int(k, 16) for k in c.status(1)["progress"]) == [1, 2, 4]
+    assert c.data_log(4)[-1] == b"after-cc-4"
+    # the removed node's late answers are refused by the leader, as both implementations must
+    c.assert_clean(allowed=("peer not found", "StepPeerNotFound"))
+
+
+# ---------------------------------------------------------------- snapshots
+
+@pytest.mark.parametrize("layout,lagging", [("PEE", 3), ("PEEPE", 5), ("EPP", 3), ("EPPEP", 5)])
+def test_lagging_node_caught_up_by_snapshot(make_cluster, layout, lagging):
+    """After the leader compacts past a partitioned follower, it sends MsgSnapshot (Raft §7)."""
+    c = make_cluster(layout)
+    elect(c, 1)
+    c.propose(1, [b"early-%d" % k for k in range(5)])
+    c.partitioned.add(lagging)
+    c.propose(1, [b"missed-%d" % k for k in range(20)])
+    c.compact(1)
+    snap_index = c.committed(1)[-1][0]
+    c.partitioned.clear()
+    c.tick([1])
+    c.propose(1, [b"after-snap-%d" % k for k in range(5)])
+    metas = c.snap_metas[lagging]
+    assert len(metas) == 1, f"node {lagging} ({c.layout[lagging]}) installed {len(metas)} snapshots"
+    assert metas[0].index == snap_index, f"snapshot at {metas[0].index}, expected {snap_index}"
+    assert sorted(metas[0].conf_state.voters) == sorted(c.nodes)
+    lead_log = c.committed(1)
+    lag_log = c.committed(lagging)
+    before = [e for e in lag_log if e[0] <= snap_index]
+    after = [e for e in lag_log if e[0] > snap_index]
+    assert before == lead_log[:len(before)], "entries applied before the snapshot must match the leader's"
+    assert after == [e for e in lead_log if e[0] > snap_index], "entries after the snapshot must match"
+    assert c.data_log(lagging)[-1] == b"after-snap-4"
+    term_at_snap = next(t for i, t, _, _ in lead_log if i == snap_index)
+    assert metas[0].term == term_at_snap
+    assert c.status(lagging)["commit"] == c.status(1)["commit"]
+    c.assert_clean()
+
+
+# ---------------------------------------------------------------- partitions
+
+@pytest.mark.parametrize("layout", ["PEE", "PEEPE", "EPP", "EPPEP"])
+def test_partitioned_old_leader_rejoins(make_cluster, layout):
+    """Old leader 1 is cut off with uncommitted entries; 2 wins a later term; on healing 1 steps
+    down at the higher term and its uncommitted tail is overwritten (Raft §5.3, §5.4)."""
+    c = make_cluster(layout)
+    elect(c, 1)
+    c.propose(1, [b"committed-%d" % k for k in range(5)])
+    old_term = c.status(1)["term"]
+    c.partitioned.add(1)
+    c.propose(1, [b"stale-%d" % k for k in range(3)])
+    c.campaign(2)
+    others = [i for i in c.nodes if i != 1]
+    assert c.leader_of(others) == 2, c.roles()
+    c.propose(2, [b"new-term-%d" % k for k in range(10)])
+    assert c.status(1)["raftState"] == "StateLeader", "the cut-off leader does not know yet"
+    c.partitioned.clear()
+    c.tick([2])
+    c.propose(2, [b"healed"])
+    term = assert_same_term_and_leader(c, c.nodes, 2)
+    assert term > old_term
+    assert_logs_identical(c, c.nodes)
+    expect = [b"committed-%d" % k for k in range(5)] + [b"new-term-%d" % k for k in range(10)] + [b"healed"]
+    for i in c.nodes:
+        assert c.data_log(i) == expect, f"node {i} ({c.layout[i]}) applied {c.data_log(i)}"
+    c.assert_clean()
+
+
+# ---------------------------------------------------------------- wire
+
+def test_raft_rs_encoded_messages_accepted(make_cluster):
+    """Votes re-encoded as raft-rs sends them (commit/commit_term/priority set, proto3) elect
+    leaders of both kinds, and both kinds keep replicating entries that carry Entry.context."""
+    c = make_cluster("EPEP")
+    elect(c, 1)
+    c.propose(1, [b"a-%d" % k for k in range(5)])
+    elect(c, 2)
+    c.propose(2, [b"b-%d" % k for k in range(5)])
+    elect(c, 1)
+    c.propose(1, [b"c-%d" % k for k in range(5)])
+    assert c.wire.reencoded > 0 and c.wire.checked > 0
+    assert c.wire.types_from_py.get(E.MsgRequestVote), "the Python candidate sent no vote request"
+    assert_logs_identical(c, c.nodes)
+    assert c.data_log(4) == [b"%s-%d" % (p, k) for p in (b"a", b"b", b"c") for k in range(5)]
+    c.assert_clean()
