@@ -53,15 +53,16 @@ def test_git_hash_from_embedded_version_module(tmp_path):
     import shutil
     shutil.copy(SCRIPT, tmp_path / "consensus.py")
     (tmp_path / "_version.py").write_text('GIT_HASH = "abc1234"\n')
+    env = dict(os.environ, PYTHONPATH=ROOT)  # the copy still imports raft/ and the generated code
     out = subprocess.run([sys.executable, str(tmp_path / "consensus.py"), "git"], capture_output=True,
-                         text=True, cwd=tmp_path, timeout=30)
+                         text=True, cwd=tmp_path, env=env, timeout=30)
     assert out.stdout.splitlines()[0] == "git version: abc1234", out.stderr
 
 
 def test_git_hash_unknown_without_git_or_embedding(tmp_path):
     import shutil
     shutil.copy(SCRIPT, tmp_path / "consensus.py")
-    env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(tmp_path.parent), PATH=os.environ["PATH"])
+    env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(tmp_path.parent), PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, str(tmp_path / "consensus.py"), "git"], capture_output=True,
                          text=True, cwd=tmp_path, env=env, timeout=30)
     assert out.stdout.splitlines()[0] == "git version: unknown", out.stdout + out.stderr
