@@ -40,3 +40,9 @@ run: setup
 
 clean:
 	rm -rf $(PB) .pytest_cache .ruff_cache
+
+# proposals/s of all-etcd, all-Python and mixed 3-node clusters under the etcd
+# oracle's router (builds the oracle into tmp/ first; see tests/interop/)
+.PHONY: bench-interop
+bench-interop: setup
+	$(PY) scripts/bench_interop.py

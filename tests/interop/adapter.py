@@ -28,7 +28,7 @@ if __package__ in (None, ""):
 
 from cita_raft_pb import eraftpb_pb2 as pb  # noqa: E402
 from raft import Config, RawNode  # noqa: E402
-from raft.errors import RaftError  # noqa: E402
+from raft.errors import RaftError, SnapshotTemporarilyUnavailable  # noqa: E402
 from raft.storage import MemoryStorage  # noqa: E402
 
 _HDR = struct.Struct(">I")
@@ -50,12 +50,11 @@ class AdapterNode:
     def __init__(self, args: argparse.Namespace) -> None:
         self.id: int = args.id
         self.out = bytearray()
-        self.storage = MemoryStorage()
-        voters = parse_ids(args.peers)
-        self.conf_state = pb.ConfState(voters=voters, learners=parse_ids(args.learners))
         # raft-rs style start: empty log at index 0 / term 0, configuration preset
         # (the oracle's raftnode does the same without -bootstrap).
-        self.storage.set_conf_state(self.conf_state)
+        self.storage = MemoryStorage.new_with_conf_state(parse_ids(args.peers), parse_ids(args.learners))
+        self.conf_state = pb.ConfState()
+        self.conf_state.CopyFrom(self.storage.conf_state)
         self.applied = 0
         logger = logging.getLogger(f"raft{self.id}")
         if args.v:
@@ -164,8 +163,12 @@ class AdapterNode:
             idx = self.applied
         if idx == 0:
             return
-        self.storage.create_snapshot(idx, self.conf_state, b"snapshot@%d" % idx)
-        self.storage.compact(idx)
+        try:
+            self.storage.create_snapshot(idx, self.conf_state, b"snapshot@%d" % idx)
+        except SnapshotTemporarilyUnavailable:
+            pass  # a snapshot at or above idx exists already (etcd: ErrSnapOutOfDate); compact anyway
+        # etcd's Compact(i) keeps i as the dummy (first index i+1); ours keeps i-1
+        self.storage.compact(idx + 1)
 
     def handle(self, op: bytes, p: bytes) -> bool:
         """One input frame; False on exit."""
