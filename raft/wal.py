@@ -1,0 +1,406 @@
+"""Append-only, checksummed, segmented write-ahead log files.
+
+This module owns the bytes on disk of the WAL: record framing, segment files,
+write buffering, fsync, rotation, deletion of old segments and, at start-up,
+reading segments back and cutting a torn tail. It knows record *kinds* but not
+what they mean for Raft; `raft/disk.py` interprets them.
+
+It must never report data as durable that was not fsynced, never retry a
+failed write or fsync as if it had worked (fail closed), and never skip a
+damaged record other than the torn tail of the last segment.
+
+Layout: `<dir>/<seq:016x>.wal`, seq counting up from 1 without gaps. Every
+record is framed as
+
+    length: u32 LE | crc: u32 LE | kind: u8 | payload (length bytes)
+
+with `crc` = CRC-32 (zlib) over kind + payload. Payloads are eraftpb messages
+(see `Kind`). Each segment starts with a SEGMENT record followed by a
+checkpoint of the small state (hard state, conf state, applied state, abort
+height) so that older segments can be deleted without losing it.
+
+Torn tails: a crash during a write can leave a partial or zero-filled record
+at the end of the last segment. At open such a tail is cut (one warning naming
+the file and offset) provided no valid record follows the damaged spot;
+damage anywhere else raises `CorruptLog`.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+from raft.errors import DiskFailure
+
+__all__ = [
+    "Kind",
+    "SegmentScan",
+    "WalWriter",
+    "encode_record",
+    "fsync_dir",
+    "list_segments",
+    "read_records",
+    "scan_segment",
+    "segment_name",
+]
+
+HEADER = struct.Struct("<IIB")
+HEADER_SIZE = HEADER.size  # 9
+# A record longer than this is treated as damage, not as a request to read
+# gigabytes: the largest real payload is one entry (a block proposal).
+MAX_RECORD = 256 * 1024 * 1024
+SEGMENT_SUFFIX = ".wal"
+_SEGMENT_RE = re.compile(r"^([0-9a-f]{16})\.wal$")
+
+
+class Kind(enum.IntEnum):
+    """Record kinds and their payloads (all eraftpb except ABORT_HEIGHT)."""
+
+    SEGMENT = 1  # Entry(index=last index before this segment, term=its term, data=seq u64 LE)
+    ENTRY = 2  # Entry: one log entry, index = last index + 1
+    HARDSTATE = 3  # HardState
+    CONFSTATE = 4  # ConfState
+    APPLIED = 5  # Snapshot(data=service state, metadata{index=applied, conf_state})
+    SNAPSHOT = 6  # Snapshot installed: the log restarts after metadata.index
+    TRUNCATE = 7  # Entry(index=i): entries >= i are dropped (conflicting tail)
+    ABORT_HEIGHT = 8  # u64 LE
+
+
+_VALID_KINDS = frozenset(int(k) for k in Kind)
+_KIND_SEED = {int(k): zlib.crc32(bytes([int(k)])) for k in Kind}
+# Candidate kind bytes when searching for a valid record after damage.
+_KIND_BYTE_RE = re.compile(b"[" + b"".join(re.escape(bytes([int(k)])) for k in Kind) + b"]")
+
+
+def encode_record(kind: int, payload: bytes) -> bytes:
+    """Frame one record."""
+    return HEADER.pack(len(payload), zlib.crc32(payload, _KIND_SEED[kind]), kind) + payload
+
+
+def segment_name(seq: int) -> str:
+    return f"{seq:016x}{SEGMENT_SUFFIX}"
+
+
+def list_segments(dirpath: str) -> list[tuple[int, str]]:
+    """(seq, path) of every segment file in `dirpath`, by seq."""
+    found = []
+    for name in os.listdir(dirpath):
+        m = _SEGMENT_RE.match(name)
+        if m:
+            found.append((int(m.group(1), 16), os.path.join(dirpath, name)))
+    found.sort()
+    return found
+
+
+def fsync_dir(dirpath: str) -> None:
+    """fsync a directory so that file creations/renames/unlinks in it are durable."""
+    fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class SegmentScan:
+    """What was read from one segment file."""
+
+    seq: int
+    path: str
+    records: list[tuple[int, bytes, int]] = field(default_factory=list)  # (kind, payload, offset)
+    good_end: int = 0  # offset just after the last valid record
+    size: int = 0
+    damage: str | None = None  # why reading stopped before the end of file
+    valid_after: int | None = None  # offset of a valid record beyond the damage, if any
+
+
+def read_records(data: bytes, scan: SegmentScan) -> None:
+    """Parse consecutive records from offset 0; stop at the first damaged one."""
+    n = len(data)
+    view = memoryview(data)
+    unpack = HEADER.unpack_from
+    crc32 = zlib.crc32
+    valid = _VALID_KINDS
+    append = scan.records.append
+    off = 0
+    while off < n:
+        if n - off < HEADER_SIZE:
+            scan.damage = f"incomplete record header ({n - off} bytes)"
+            break
+        length, crc, kind = unpack(data, off)
+        end = off + HEADER_SIZE + length
+        if kind not in valid:
+            scan.damage = f"unknown record kind {kind}"
+            break
+        if length > MAX_RECORD or end > n:
+            scan.damage = f"record length {length} runs past the end of the file"
+            break
+        if crc32(view[off + 8 : end]) != crc:
+            scan.damage = f"checksum mismatch in a {Kind(kind).name} record of {length} bytes"
+            break
+        append((kind, data[off + HEADER_SIZE : end], off))
+        off = end
+    scan.good_end = off
+
+
+def valid_record_after(data: bytes, start: int) -> int | None:
+    """Offset of the first well-formed record starting after `start`, if any.
+
+    Used to tell a torn tail (nothing valid follows) from damage in the middle
+    of the data (something valid follows, so acknowledged records were there).
+    """
+    n = len(data)
+    view = memoryview(data)
+    for m in _KIND_BYTE_RE.finditer(data, start + 1 + 8):
+        p = m.start() - 8
+        if n - p < HEADER_SIZE:
+            break
+        length, crc, kind = HEADER.unpack_from(data, p)
+        end = p + HEADER_SIZE + length
+        if length > MAX_RECORD or end > n:
+            continue
+        if zlib.crc32(view[p + 8 : end]) == crc:
+            return p
+    return None
+
+
+def scan_segment(seq: int, path: str) -> SegmentScan:
+    """Read one segment file; `damage` tells where and why reading stopped early."""
+    with open(path, "rb") as f:
+        data = f.read()
+    scan = SegmentScan(seq=seq, path=path, size=len(data))
+    read_records(data, scan)
+    if scan.damage is not None:
+        scan.valid_after = valid_record_after(data, scan.good_end)
+    return scan
+
+
+class WalWriter:
+    """The single writer of the WAL: appends records to the active segment.
+
+    Records are buffered in memory and written with one os.write per sync()
+    (or when the buffer grows large); sync() then fsyncs the segment, and the
+    directory when a file was created. Any OSError from the disk turns into
+    DiskFailure and the writer refuses every later write: after a failed
+    fsync the kernel may have dropped the dirty pages, so nothing written
+    since the last good fsync may be called durable (fail closed).
+    """
+
+    FLUSH_BYTES = 4 * 1024 * 1024
+
+    def __init__(
+        self,
+        dirpath: str,
+        seq: int,
+        offset: int,
+        segment_bytes: int,
+        logger: logging.Logger,
+        segments: list[tuple[int, int]],
+    ) -> None:
+        """Open segment `seq` for appending at `offset` (its valid length)."""
+        self.dirpath = dirpath
+        self.seq = seq
+        self.segment_bytes = segment_bytes
+        self.log = logger
+        # (seq, last log index before the segment) of every live segment, oldest first.
+        self.segments = segments
+        self.failed: DiskFailure | None = None
+        self._buf = bytearray()
+        self._path = os.path.join(dirpath, segment_name(seq))
+        self._fd: int | None = None
+        self._fd = self._guard("open", lambda: os.open(self._path, os.O_WRONLY | os.O_APPEND))
+        self.offset = offset  # bytes in the file, written or not yet synced
+        self.synced_offset = offset
+        self._dir_dirty = False
+
+    @classmethod
+    def create(
+        cls,
+        dirpath: str,
+        seq: int,
+        head: list[tuple[int, bytes]],
+        segment_bytes: int,
+        logger: logging.Logger,
+        segments: list[tuple[int, int]],
+    ) -> WalWriter:
+        """Create segment `seq` holding the records `head`, durably (file + directory fsync)."""
+        path = os.path.join(dirpath, segment_name(seq))
+        data = b"".join(encode_record(k, p) for k, p in head)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_dir(dirpath)
+        except OSError as err:
+            raise _disk_failure("create segment", path, err) from err
+        return cls(dirpath, seq, len(data), segment_bytes, logger, segments)
+
+    # -- writing -----------------------------------------------------------------
+
+    def _guard(self, what: str, op):  # type: ignore[no-untyped-def]
+        try:
+            return op()
+        except OSError as err:
+            self.failed = _disk_failure(what, self._path, err)
+            self.log.error("wal: %s", self.failed)
+            raise self.failed from err
+
+    def check(self) -> None:
+        if self.failed is not None:
+            raise DiskFailure(f"storage refuses writes after an earlier disk failure: {self.failed}")
+        if self._fd is None:
+            raise DiskFailure("storage is closed")
+
+    def add(self, kind: int, payload: bytes) -> None:
+        """Buffer one record (not durable until sync())."""
+        self._buf += HEADER.pack(len(payload), zlib.crc32(payload, _KIND_SEED[kind]), kind)
+        self._buf += payload
+        if len(self._buf) >= self.FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand buffered records to the kernel (no fsync)."""
+        self.check()
+        if not self._buf:
+            return
+        data = bytes(self._buf)
+        self._buf.clear()
+        fd = self._fd
+        self._guard("write", lambda: _write_all(fd, data))
+        self.offset += len(data)
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._buf) or self.offset != self.synced_offset or self._dir_dirty
+
+    def sync(self) -> None:
+        """Make every record added so far durable: write, fsync the segment, and
+        the directory if a file was created since the last sync."""
+        self.check()
+        if not self.dirty:
+            return
+        self.flush()
+        fd = self._fd
+        self._guard("fsync", lambda: os.fsync(fd))
+        if self._dir_dirty:
+            self._guard("fsync directory", lambda: fsync_dir(self.dirpath))
+            self._dir_dirty = False
+        self.synced_offset = self.offset
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    @property
+    def unsynced_bytes(self) -> int:
+        return self.offset - self.synced_offset + len(self._buf)
+
+    def should_rotate(self) -> bool:
+        return self.offset >= self.segment_bytes
+
+    def rotate(self, head: list[tuple[int, bytes]], prev_index: int) -> None:
+        """Start segment seq+1 with `head` (its SEGMENT record + checkpoint).
+
+        The current segment must be synced first: only the last segment may
+        ever hold a torn tail, so no write may go to a later file while an
+        earlier one still has unsynced bytes.
+        """
+        self.sync()
+        seq = self.seq + 1
+        path = os.path.join(self.dirpath, segment_name(seq))
+        data = b"".join(encode_record(k, p) for k, p in head)
+
+        def create() -> int:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            _write_all(fd, data)
+            os.fsync(fd)
+            fsync_dir(self.dirpath)
+            return fd
+
+        fd = self._guard("create segment", create)
+        os.close(self._fd)  # type: ignore[arg-type]
+        self._fd = fd
+        self.seq = seq
+        self._path = path
+        self.offset = self.synced_offset = len(data)
+        self.segments.append((seq, prev_index))
+        self.log.info("wal: started segment %s prev_index=%d", segment_name(seq), prev_index)
+
+    def delete_below(self, index: int) -> int:
+        """Delete segments all of whose entries are <= `index` (a durable
+        snapshot covers them); the active segment is always kept. Returns how
+        many were deleted."""
+        self.check()
+        doomed = []
+        # Segment k is covered when segment k+1 began at or below `index`.
+        for (seq, _prev), (_next_seq, next_prev) in zip(self.segments, self.segments[1:], strict=False):
+            if next_prev <= index:
+                doomed.append(seq)
+            else:
+                break
+        if not doomed:
+            return 0
+        for seq in doomed:
+            path = os.path.join(self.dirpath, segment_name(seq))
+            self._guard("delete segment", lambda p=path: os.unlink(p))
+        self._guard("fsync directory", lambda: fsync_dir(self.dirpath))
+        del self.segments[: len(doomed)]
+        self.log.info(
+            "wal: deleted %d segment(s) up to %s covered by snapshot index=%d",
+            len(doomed),
+            segment_name(doomed[-1]),
+            index,
+        )
+        return len(doomed)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def simulate_crash(self, torn_bytes: int = 0, garbage: bytes = b"") -> None:
+        """Test helper: lose what a power cut would lose, then close.
+
+        Drops the buffer and cuts the active segment back to the last fsynced
+        offset, keeping `torn_bytes` of the unsynced data (a partial write)
+        and then `garbage` (e.g. zeros). Earlier segments were synced before
+        rotation, so they are untouched.
+        """
+        pending = bytes(self._buf)
+        self._buf.clear()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        with open(self._path, "rb") as f:
+            f.seek(self.synced_offset)
+            unsynced = f.read() + pending
+        keep = unsynced[: max(0, min(torn_bytes, len(unsynced)))]
+        with open(self._path, "r+b") as f:
+            f.truncate(self.synced_offset)
+            f.seek(self.synced_offset)
+            f.write(keep + garbage)
+        self.failed = DiskFailure("storage crashed (simulated)")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _disk_failure(what: str, path: str, err: OSError) -> DiskFailure:
+    name = errno.errorcode.get(err.errno or 0, str(err.errno))
+    return DiskFailure(
+        f"{what} failed on {path}: {name} ({err.strerror}); the node must stop, data written "
+        "since the last successful sync may not be durable"
+    )
