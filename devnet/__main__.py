@@ -1,0 +1,6 @@
+"""`python -m devnet ...`: see devnet.cli."""
+import sys
+
+from devnet.cli import main
+
+sys.exit(main())

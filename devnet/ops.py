@@ -1,0 +1,354 @@
+"""The operations behind the `devnet` command, as a Python API (tests use it directly).
+
+`Devnet.create()` lays out a devnet dir (spec, per-node config.toml, address
+files); every other operation opens the dir again, so separate commands act
+on the same running devnet. Processes: one network hub, one controller and
+one consensus per node, all detached, tracked by pid files under
+<dir>/pids and logging to <dir>/logs. Nothing is ever killed by name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+import urllib.request
+
+import grpc
+
+from cita_raft_pb import health_check_pb2, health_check_pb2_grpc
+
+from . import admin, procs
+from .chain import compare_chains, read_chain
+from .layout import Spec, atomic_write_json, load_schedule, make_addresses
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROLES = {0: "follower", 1: "candidate", 2: "leader", 3: "precandidate"}
+
+
+def default_python() -> str:
+    venv = os.path.join(REPO, ".venv", "bin", "python")
+    return venv if os.path.exists(venv) else sys.executable
+
+
+def ports_free(ports: list[int]) -> bool:
+    for p in ports:
+        s = socket.socket()
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", p))
+        except OSError:
+            return False
+        finally:
+            s.close()
+    return True
+
+
+def find_base_port(nodes: int, rng_seed: int | None = None, low: int = 20000, high: int = 32000) -> int:
+    """A base port whose whole slot range is free (below the ephemeral range 32768+)."""
+    import random
+    rng = random.Random(rng_seed if rng_seed is not None else os.getpid() * 7919 + time.time_ns())
+    span = 10 * (nodes + 1)
+    for _ in range(200):
+        base = rng.randrange(low, high - span) // 10 * 10
+        probe = Spec(dir="", nodes=nodes, validators=[], addresses=[], base_port=base)
+        if ports_free(probe.all_ports()):
+            return base
+    raise RuntimeError("no free port range found")
+
+
+def config_toml(spec: Spec, i: int) -> str:
+    addr_file = os.path.join(spec.node_dir(i), "node_address")
+    return f"""# devnet node{i}: written by `devnet up`
+[consensus_raft]
+node_addr = "{addr_file}"
+grpc_listen_port = {spec.consensus_port(i)}
+network_port = {spec.network_port(i)}
+controller_port = {spec.controller_port(i)}
+enable_metrics = true
+metrics_port = {spec.metrics_port(i)}
+tick_interval_in_millis = {spec.tick_ms}
+heartbeat_tick = {spec.heartbeat_tick}
+election_tick = {spec.election_tick}
+raft_data_path = "{spec.raft_dir(i)}"
+log_level = "{spec.log_level}"
+"""
+
+
+def scrape_metrics(port: int, timeout: float = 0.5) -> dict[str, float]:
+    """The consensus_raft_* gauges of a node's /metrics (empty if unreachable)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("consensus_raft_") and "{" not in line:
+            name, _, value = line.partition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+class Devnet:
+    """One devnet dir and the processes it runs."""
+
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        self.marker = spec.dir
+
+    # ---- layout ---------------------------------------------------------------------
+    @classmethod
+    def create(cls, dir: str, nodes: int, validators: int | None = None, base_port: int | None = None,
+               block_interval: int = 3, tick_ms: int = 200, heartbeat_tick: int = 15, election_tick: int = 50,
+               seed: int = 1, consensus: str = "real", log_level: str = "info") -> Devnet:
+        dir = os.path.abspath(dir)
+        if os.path.exists(os.path.join(dir, "devnet.json")):
+            raise FileExistsError(f"{dir} already holds a devnet (run `devnet down` and remove it first)")
+        addresses = make_addresses(nodes, seed)
+        k = nodes if validators is None else validators
+        if not 1 <= k <= nodes:
+            raise ValueError(f"validators must be in 1..{nodes}")
+        spec = Spec(dir=dir, nodes=nodes, validators=addresses[:k], addresses=addresses,
+                    base_port=base_port if base_port is not None else find_base_port(nodes),
+                    block_interval=block_interval, tick_ms=tick_ms, heartbeat_tick=heartbeat_tick,
+                    election_tick=election_tick, seed=seed, consensus=consensus, repo=REPO,
+                    python=default_python(), log_level=log_level)
+        os.makedirs(dir, exist_ok=True)
+        for i in range(nodes):
+            os.makedirs(spec.node_dir(i), exist_ok=True)
+            with open(os.path.join(spec.node_dir(i), "node_address"), "w") as f:
+                f.write(addresses[i])
+            with open(spec.config_file(i), "w") as f:
+                f.write(config_toml(spec, i))
+        spec.save()
+        return cls(spec)
+
+    @classmethod
+    def open(cls, dir: str) -> Devnet:
+        return cls(Spec.load(dir))
+
+    # ---- processes ------------------------------------------------------------------
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _pid(self, name: str) -> str:
+        return self.spec.pid_file(name)
+
+    def start_hub(self) -> int:
+        if procs.alive(self._pid("network"), self.marker):
+            return procs.read_pid(self._pid("network"))
+        pid = procs.spawn([self.spec.python, "-m", "devnet.network", self.spec.dir], self._pid("network"),
+                          self.spec.log_file("network"), cwd=self.spec.dir, env=self._env())
+        self._wait_port(self.spec.hub_admin_port(), "network hub")
+        return pid
+
+    def stop_hub(self, kill: bool = False) -> bool:
+        return (procs.kill9 if kill else procs.stop)(self._pid("network"), self.marker)
+
+    def start_controller(self, i: int) -> int:
+        name = f"controller{i}"
+        if procs.alive(self._pid(name), self.marker):
+            return procs.read_pid(self._pid(name))
+        pid = procs.spawn([self.spec.python, "-m", "devnet.controller", self.spec.dir, str(i)], self._pid(name),
+                          self.spec.log_file(name), cwd=self.spec.node_dir(i), env=self._env())
+        self._wait_port(self.spec.controller_port(i), name)
+        return pid
+
+    def stop_controller(self, i: int, kill: bool = False) -> bool:
+        return (procs.kill9 if kill else procs.stop)(self._pid(f"controller{i}"), self.marker)
+
+    def consensus_argv(self, i: int) -> list[str]:
+        if self.spec.consensus == "stub":
+            return [self.spec.python, "-m", "devnet.stub_consensus", self.spec.config_file(i)]
+        return [self.spec.python, os.path.join(self.spec.repo, "consensus.py"), "run", "-c",
+                self.spec.config_file(i), "--stdout"]
+
+    def start(self, i: int) -> int:
+        """Start node i's consensus (its controller too, if it is not running)."""
+        self.start_controller(i)
+        name = f"consensus{i}"
+        if procs.alive(self._pid(name), self.marker):
+            return procs.read_pid(self._pid(name))
+        return procs.spawn(self.consensus_argv(i), self._pid(name), self.spec.log_file(name),
+                           cwd=self.spec.node_dir(i), env=self._env())
+
+    def kill(self, i: int) -> bool:
+        """SIGKILL node i's consensus."""
+        return procs.kill9(self._pid(f"consensus{i}"), self.marker)
+
+    def stop(self, i: int, timeout: float = 10.0) -> bool:
+        """SIGTERM node i's consensus (SIGKILL after timeout)."""
+        return procs.stop(self._pid(f"consensus{i}"), self.marker, timeout)
+
+    def consensus_pid(self, i: int) -> int | None:
+        return procs.alive(self._pid(f"consensus{i}"), self.marker)
+
+    def wipe(self, i: int) -> bool:
+        """Delete node i's raft data dir (its consensus is SIGKILLed first if running)."""
+        was_running = self.kill(i)
+        shutil.rmtree(self.spec.raft_dir(i), ignore_errors=True)
+        return was_running
+
+    def up(self, wait_serving: float = 0.0) -> None:
+        self.start_hub()
+        for i in range(self.spec.nodes):
+            self.start_controller(i)
+        for i in range(self.spec.nodes):
+            self.start(i)
+        if wait_serving:
+            deadline = time.monotonic() + wait_serving
+            for i in range(self.spec.nodes):
+                self.wait_serving(i, max(0.1, deadline - time.monotonic()))
+
+    def down(self) -> dict[str, bool]:
+        stopped = {}
+        for i in range(self.spec.nodes):
+            stopped[f"consensus{i}"] = self.stop(i)
+        for i in range(self.spec.nodes):
+            stopped[f"controller{i}"] = self.stop_controller(i)
+        stopped["network"] = self.stop_hub()
+        return stopped
+
+    def running(self) -> dict[str, int | None]:
+        names = ["network"] + [f"{k}{i}" for i in range(self.spec.nodes) for k in ("controller", "consensus")]
+        return {n: procs.alive(self._pid(n), self.marker) for n in names}
+
+    def _wait_port(self, port: int, what: str, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.03)
+        raise TimeoutError(f"{what} not listening on 127.0.0.1:{port} after {timeout} s (see {self.spec.dir}/logs)")
+
+    def health(self, i: int, timeout: float = 0.5) -> bool:
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{self.spec.consensus_port(i)}") as ch:
+                r = health_check_pb2_grpc.HealthStub(ch).Check(health_check_pb2.HealthCheckRequest(), timeout=timeout)
+                return r.status == health_check_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    def wait_serving(self, i: int, timeout: float) -> float:
+        """Seconds until node i's consensus answers health SERVING."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.health(i, 0.3):
+                return time.monotonic() - t0
+            time.sleep(0.02)
+        raise TimeoutError(f"consensus{i} not serving after {timeout} s (see {self.spec.log_file(f'consensus{i}')})")
+
+    # ---- faults --------------------------------------------------------------------------
+    def hub(self, req: dict) -> dict:
+        return admin.call(self.spec.hub_admin_port(), req)
+
+    def partition(self, groups: list[list[int]], oneway: bool = False) -> dict:
+        return self.hub({"op": "partition", "groups": groups, "oneway": oneway})
+
+    def heal(self, all_faults: bool = False) -> dict:
+        return self.hub({"op": "heal", "all": all_faults})
+
+    def net(self, **faults) -> dict:
+        return self.hub({"op": "net", **faults})
+
+    def controller(self, i: int, req: dict, timeout: float = 3.0) -> dict:
+        return admin.call(self.spec.controller_port(i), req, timeout)
+
+    def controller_fault(self, i: int, delay_ms: int = 0, fail_rate: float = 0.0, duration_s: float = 3600.0) -> dict:
+        return self.controller(i, {"op": "fault", "delay_ms": delay_ms, "fail_rate": fail_rate,
+                                   "duration_s": duration_s})
+
+    def schedule_validators(self, at_height: int, validators: list[str]) -> dict:
+        """Schedule a validator-set change carried by block `at_height` (effective from at_height+1)."""
+        vals = []
+        for v in validators:
+            v = str(v).lower().removeprefix("0x")
+            if v.isdigit() and int(v) < self.spec.nodes:
+                v = self.spec.addresses[int(v)]
+            if len(bytes.fromhex(v)) != 20:
+                raise ValueError(f"not a 20-byte address: {v}")
+            vals.append(v)
+        if not vals:
+            raise ValueError("at least one validator")
+        sched = load_schedule(self.spec)
+        entry = {"id": len(sched) + 1, "height": int(at_height), "validators": vals}
+        atomic_write_json(self.spec.schedule_file(), sched + [entry])
+        return entry
+
+    # ---- observation -------------------------------------------------------------------
+    def metrics(self, i: int) -> dict[str, float]:
+        return scrape_metrics(self.spec.metrics_port(i))
+
+    def heights(self) -> list[int]:
+        """Committed height per node, read from the chain files (works with processes down)."""
+        return [len(read_chain(self.spec.chain_file(i))) for i in range(self.spec.nodes)]
+
+    def leader(self) -> int | None:
+        """The node whose metrics say leader with the highest term (None if none)."""
+        best = None
+        for i in range(self.spec.nodes):
+            if self.consensus_pid(i) is None:
+                continue
+            m = self.metrics(i)
+            if m.get("consensus_raft_role") == 2 and (best is None or m.get("consensus_raft_term", 0) > best[1]):
+                best = (i, m.get("consensus_raft_term", 0))
+        return best[0] if best else None
+
+    def status(self) -> dict:
+        running = self.running()
+        nodes = []
+        for i in range(self.spec.nodes):
+            row = {"node": i, "address": self.spec.addresses[i], "consensus_pid": running[f"consensus{i}"],
+                   "controller_pid": running[f"controller{i}"]}
+            m = self.metrics(i) if row["consensus_pid"] else {}
+            row.update(role=ROLES.get(int(m["consensus_raft_role"])) if "consensus_raft_role" in m else None,
+                       term=int(m.get("consensus_raft_term", 0)) if m else None,
+                       raft_height=int(m.get("consensus_raft_block_height", 0)) if m else None,
+                       commit_index=int(m.get("consensus_raft_commit_index", 0)) if m else None)
+            try:
+                c = self.controller(i, {"op": "status"}, 1.0) if row["controller_pid"] else {}
+            except grpc.RpcError:
+                c = {}
+            row.update(height=c.get("height"), tip=(c.get("hash") or "")[:12],
+                       validator=(self.spec.addresses[i] in c.get("validators", [])) if c else None,
+                       syncing=c.get("syncing"), conflicts=c.get("conflicts"))
+            nodes.append(row)
+        try:
+            hub = self.hub({"op": "status"}) if running["network"] else None
+        except grpc.RpcError:
+            hub = None
+        return {"dir": self.spec.dir, "nodes": nodes, "network": hub}
+
+    def chains(self) -> tuple[list[dict], list[str]]:
+        """Per node (height, tip hash) from the chain files, and every disagreement found
+        (heights committed differently, or conflicts a controller recorded)."""
+        chains = {i: read_chain(self.spec.chain_file(i)) for i in range(self.spec.nodes)}
+        rows = [{"node": i, "height": len(b), "tip": b[-1].hash.hex() if b else self.spec.genesis_hash().hex()}
+                for i, b in chains.items()]
+        problems = compare_chains(chains)
+        for i in range(self.spec.nodes):
+            try:
+                with open(self.spec.conflicts_file(i)) as f:
+                    problems += [f"node{i}: {line.strip()}" for line in f if line.strip()]
+            except FileNotFoundError:
+                pass
+        return rows, problems
+
+    def timings(self, i: int, from_height: int = 1) -> dict[int, list[float]]:
+        r = self.controller(i, {"op": "timings", "from": from_height}, 10.0)
+        return {int(h): t for h, t in r["timings"].items()}
+
+
+def dump_json(obj) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True)
