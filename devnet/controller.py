@@ -337,7 +337,7 @@ class SimController(controller_pb2_grpc.Consensus2ControllerServiceServicer):
 
 async def serve(spec: Spec, index: int) -> None:
     ctl = SimController(spec, index)
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     controller_pb2_grpc.add_Consensus2ControllerServiceServicer_to_server(ctl, server)
     server.add_generic_rpc_handlers([admin.aio_handler(ctl.admin)])
     port = spec.controller_port(index)

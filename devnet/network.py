@@ -246,11 +246,11 @@ async def serve(spec: Spec) -> None:
     hub = Hub(spec)
     servers = []
     for i in range(spec.nodes):
-        s = grpc.aio.server()
+        s = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         network_pb2_grpc.add_NetworkServiceServicer_to_server(NodeNetwork(hub, i), s)
         s.add_insecure_port(f"127.0.0.1:{spec.network_port(i)}")
         servers.append(s)
-    a = grpc.aio.server()
+    a = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     a.add_generic_rpc_handlers([admin.aio_handler(hub.admin)])
     a.add_insecure_port(f"127.0.0.1:{spec.hub_admin_port()}")
     servers.append(a)

@@ -148,7 +148,7 @@ class Devnet:
             return procs.read_pid(self._pid("network"))
         pid = procs.spawn([self.spec.python, "-m", "devnet.network", self.spec.dir], self._pid("network"),
                           self.spec.log_file("network"), cwd=self.spec.dir, env=self._env())
-        self._wait_port(self.spec.hub_admin_port(), "network hub")
+        self._wait_admin(self.spec.hub_admin_port(), "network hub")
         return pid
 
     def stop_hub(self, kill: bool = False) -> bool:
@@ -160,7 +160,7 @@ class Devnet:
             return procs.read_pid(self._pid(name))
         pid = procs.spawn([self.spec.python, "-m", "devnet.controller", self.spec.dir, str(i)], self._pid(name),
                           self.spec.log_file(name), cwd=self.spec.node_dir(i), env=self._env())
-        self._wait_port(self.spec.controller_port(i), name)
+        self._wait_admin(self.spec.controller_port(i), name)
         return pid
 
     def stop_controller(self, i: int, kill: bool = False) -> bool:
@@ -222,13 +222,15 @@ class Devnet:
         names = ["network"] + [f"{k}{i}" for i in range(self.spec.nodes) for k in ("controller", "consensus")]
         return {n: procs.alive(self._pid(n), self.marker) for n in names}
 
-    def _wait_port(self, port: int, what: str, timeout: float = 15.0) -> None:
+    def _wait_admin(self, port: int, what: str, timeout: float = 15.0) -> None:
+        """Until the simulator answers an admin call (a TCP connect is not enough: gRPC
+        binds and listens before the server is started)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    return
-            except OSError:
+                admin.call(port, {"op": "status"}, timeout=0.5)
+                return
+            except grpc.RpcError:
                 time.sleep(0.03)
         raise TimeoutError(f"{what} not listening on 127.0.0.1:{port} after {timeout} s (see {self.spec.dir}/logs)")
 
