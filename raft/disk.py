@@ -50,6 +50,7 @@ STORE_DIR = "raft-store"
 LOCK_FILE = "raft-store.lock"
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
 _U64 = struct.Struct("<Q")
+_UNKNOWN_TERM = -1  # replay: the boundary term lies in a deleted segment
 
 _RESTORE_HINT = (
     "Do not delete files to make the node start: restore the data directory from a backup, or, "
@@ -206,6 +207,7 @@ class DiskStorage:
             return CorruptLog(f"WAL damaged: {path} at offset {offset}: {what}. {_RESTORE_HINT}")
 
         last_pos = len(segments) - 1
+        history_cut = segments[0][0] > 1  # older segments were deleted (snapshot-covered)
         for pos, (seq, path) in enumerate(segments):
             scan = scan_segment(seq, path)
             if scan.damage is not None:
@@ -268,7 +270,11 @@ class DiskStorage:
                     hs = pb.HardState.FromString(payload)
                 elif kind == Kind.TRUNCATE:
                     index = entry_from(payload).index
-                    if not base < index <= base + len(entries) + 1:
+                    if index <= base and history_cut:
+                        # Overwrites entries of a deleted segment (they were uncommitted when
+                        # it was cut); a snapshot covers what came before, checked below.
+                        entries, base, base_term = [], index - 1, _UNKNOWN_TERM
+                    elif not base < index <= base + len(entries) + 1:
                         raise corrupt(
                             path,
                             offset,
@@ -315,8 +321,14 @@ class DiskStorage:
                     f"damaged or removed; see *.corrupt in {snaps.dirpath}). {_RESTORE_HINT}"
                 )
             k = f_index - base
+            if k == 0 and base_term == _UNKNOWN_TERM:
+                base_term = f_term
             if k <= len(entries) and (entries[k - 1].term if k else base_term) == f_term:
-                entries, base, base_term = entries[k:], f_index, f_term
+                # The log continues from the snapshot. Entries below it stay in memory
+                # (bounded by segment deletion) until the host compacts them again,
+                # unless the boundary term below them is unknown.
+                if base_term == _UNKNOWN_TERM:
+                    entries, base, base_term = entries[k:], f_index, f_term
             else:
                 # The snapshot was installed (file saved) but the crash came before its
                 # WAL record was durable: the snapshot is committed state, adopt it.

@@ -305,7 +305,7 @@ class WalWriter:
         return self.offset - self.synced_offset + len(self._buf)
 
     def should_rotate(self) -> bool:
-        return self.offset >= self.segment_bytes
+        return self.offset + len(self._buf) >= self.segment_bytes
 
     def rotate(self, head: list[tuple[int, bytes]], prev_index: int) -> None:
         """Start segment seq+1 with `head` (its SEGMENT record + checkpoint).
