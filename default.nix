@@ -5,7 +5,7 @@
 #
 # Without `pkgs`, nixpkgs is the revision that flake.lock pins.
 {
-  pkgs ? import (import ./nix/pinned-nixpkgs.nix) { },
+  pkgs ? import (import ./nix/pinned-nixpkgs.nix { }) { },
   gitRev ? "unknown",
 }:
 pkgs.callPackage ./nix/package.nix { inherit gitRev; }
