@@ -1,0 +1,1032 @@
+"""The Raft state machine: roles, terms, elections (pre-vote, check-quorum), replication,
+commit, snapshots, leader transfer and membership, speaking raft-rs's eraftpb messages.
+
+Theory of operation. `Raft` is deterministic and does no I/O: inputs are `tick()` and
+`step(msg)`; outputs accumulate in `self.msgs` and in the log's unstable tail, which
+RawNode turns into Ready batches. Every field sent or read has raft-rs's meaning, so a
+node of this project and a raft-rs node can sit in one group. Randomness only comes from
+the injected rng (election timeouts). Protocol rules cite the Raft paper ("§5.x") or
+Ongaro's thesis ("thesis §x").
+
+Names follow etcd/raft-rs: become_* (role changes), step_* (per-role message handling),
+maybe_* (conditional, returns bool), send_*/bcast_* (queue outgoing messages).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from enum import IntEnum
+
+from cita_raft_pb import eraftpb_pb2 as pb
+
+from . import confchange
+from .config import NO_LIMIT, Config
+from .errors import (
+    Compacted,
+    ConfChangeError,
+    ProposalDropped,
+    RaftError,
+    SnapshotTemporarilyUnavailable,
+)
+from .log import RaftLog
+from .progress import Progress, ProgressState, ProgressTracker
+from .quorum import VoteResult
+from .storage import Storage
+
+INVALID_ID = 0
+CAMPAIGN_PRE_ELECTION = b"CampaignPreElection"
+CAMPAIGN_ELECTION = b"CampaignElection"
+CAMPAIGN_TRANSFER = b"CampaignTransfer"
+
+MT = pb.MessageType
+MsgHup = pb.MsgHup
+MsgBeat = pb.MsgBeat
+MsgPropose = pb.MsgPropose
+MsgAppend = pb.MsgAppend
+MsgAppendResponse = pb.MsgAppendResponse
+MsgRequestVote = pb.MsgRequestVote
+MsgRequestVoteResponse = pb.MsgRequestVoteResponse
+MsgSnapshot = pb.MsgSnapshot
+MsgHeartbeat = pb.MsgHeartbeat
+MsgHeartbeatResponse = pb.MsgHeartbeatResponse
+MsgUnreachable = pb.MsgUnreachable
+MsgSnapStatus = pb.MsgSnapStatus
+MsgCheckQuorum = pb.MsgCheckQuorum
+MsgTransferLeader = pb.MsgTransferLeader
+MsgTimeoutNow = pb.MsgTimeoutNow
+MsgRequestPreVote = pb.MsgRequestPreVote
+MsgRequestPreVoteResponse = pb.MsgRequestPreVoteResponse
+
+LOCAL_MSGS = frozenset({MsgHup, MsgBeat, MsgUnreachable, MsgSnapStatus, MsgCheckQuorum})
+RESPONSE_MSGS = frozenset(
+    {MsgAppendResponse, MsgRequestVoteResponse, MsgHeartbeatResponse, MsgUnreachable, MsgRequestPreVoteResponse}
+)
+_VOTE_TYPES = (MsgRequestVote, MsgRequestPreVote, MsgRequestVoteResponse, MsgRequestPreVoteResponse)
+
+
+class StateRole(IntEnum):
+    """raft-rs's StateRole values."""
+
+    Follower = 0
+    Candidate = 1
+    Leader = 2
+    PreCandidate = 3
+
+
+def msg_name(t: int) -> str:
+    return MT.Name(t)
+
+
+def _vote_resp_type(t: int) -> int:
+    return MsgRequestVoteResponse if t == MsgRequestVote else MsgRequestPreVoteResponse
+
+
+def snapshot_is_empty(snap: pb.Snapshot | None) -> bool:
+    """An absent snapshot and one with metadata.index 0 mean the same (etcd sends the latter)."""
+    return snap is None or snap.metadata.index == 0
+
+
+class Raft:
+    def __init__(
+        self,
+        config: Config,
+        storage: Storage,
+        rng: random.Random | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        config.validate()
+        self.id = config.id
+        self.config = config
+        self.logger = logger or logging.getLogger("raft")
+        self.rng = rng or random.Random(config.id)
+        self.storage = storage
+        self.log = RaftLog(storage, self.logger)
+        self.prs = ProgressTracker(config.max_inflight_msgs)
+        self.msgs: list[pb.Message] = []
+        self.term = 0
+        self.vote = 0
+        self.state = StateRole.Follower
+        self.leader_id = INVALID_ID
+        self.lead_transferee = INVALID_ID
+        # Index of the latest conf change appended by this leader; no new one until it is applied.
+        self.pending_conf_index = 0
+        self.pending_request_snapshot = 0
+        self.promotable = False
+        self.check_quorum = config.check_quorum
+        self.pre_vote = config.pre_vote
+        self.election_timeout = config.election_tick
+        self.heartbeat_timeout = config.heartbeat_tick
+        self.min_election_timeout = config.min_election()
+        self.max_election_timeout = config.max_election()
+        self.randomized_election_timeout = self.election_timeout
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        ms = config.max_size_per_msg
+        self.max_msg_size: int | None = None if ms >= NO_LIMIT else ms
+        mc = config.max_committed_size_per_ready
+        self.max_committed_size: int | None = None if mc == 0 or mc >= NO_LIMIT else mc
+        self.skip_bcast_commit = config.skip_bcast_commit
+        # Appends are coalesced: proposals and commit advances mark the followers, and
+        # flush_appends() (called before a Ready is built) sends one batch per follower.
+        self._bcast_pending = False
+
+        rs = storage.initial_state()
+        confchange.restore(self.prs, self.log.last_index(), rs.conf_state)
+        self._post_conf_change()
+        hs = rs.hard_state
+        if hs.term or hs.vote or hs.commit:
+            self._load_state(hs)
+        if config.applied > 0:
+            self.log.applied_to(min(config.applied, self.log.committed))
+            self.log.applying = max(self.log.applying, self.log.applied)
+        self.become_follower(self.term, INVALID_ID)
+        self._info(
+            "newRaft",
+            term=self.term,
+            commit=self.log.committed,
+            applied=self.log.applied,
+            last_index=self.log.last_index(),
+            last_term=self.log.last_term(),
+            voters=sorted(self.prs.conf.incoming),
+        )
+
+    # ---- logging ------------------------------------------------------------------
+
+    def _info(self, event: str, **kv: object) -> None:
+        if self.logger.isEnabledFor(logging.INFO):
+            self.logger.info("%s id=%d %s", event, self.id, " ".join(f"{k}={v}" for k, v in kv.items()))
+
+    def _debug(self, event: str, **kv: object) -> None:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("%s id=%d %s", event, self.id, " ".join(f"{k}={v}" for k, v in kv.items()))
+
+    def _warn(self, event: str, **kv: object) -> None:
+        self.logger.warning("%s id=%d %s", event, self.id, " ".join(f"{k}={v}" for k, v in kv.items()))
+
+    # ---- state --------------------------------------------------------------------
+
+    def _load_state(self, hs: pb.HardState) -> None:
+        if hs.commit < self.log.committed or hs.commit > self.log.last_index():
+            raise RaftError(
+                f"hard state commit {hs.commit} is out of range [{self.log.committed}, {self.log.last_index()}]"
+            )
+        self.log.committed = hs.commit
+        self.term = hs.term
+        self.vote = hs.vote
+
+    def hard_state(self) -> pb.HardState:
+        return pb.HardState(term=self.term, vote=self.vote, commit=self.log.committed)
+
+    def reset_randomized_election_timeout(self) -> None:
+        # Paper §5.2: randomized timeouts make split votes rare.
+        self.randomized_election_timeout = self.rng.randrange(self.min_election_timeout, self.max_election_timeout)
+
+    def past_election_timeout(self) -> bool:
+        return self.election_elapsed >= self.randomized_election_timeout
+
+    def _reset(self, term: int) -> None:
+        if self.term != term:
+            self.term = term
+            self.vote = INVALID_ID
+        self.leader_id = INVALID_ID
+        self.reset_randomized_election_timeout()
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.abort_leader_transfer()
+        self.prs.reset_votes()
+        self.pending_conf_index = 0
+        self._bcast_pending = False
+        last = self.log.last_index()
+        for pid, pr in self.prs.progress.items():
+            pr.reset(last + 1)
+            if pid == self.id:
+                pr.matched = self.log.persisted
+
+    def become_follower(self, term: int, leader_id: int) -> None:
+        pending_request_snapshot = self.pending_request_snapshot
+        self._reset(term)
+        self.leader_id = leader_id
+        self.state = StateRole.Follower
+        self.pending_request_snapshot = pending_request_snapshot
+        self._info("became follower", term=self.term, leader=leader_id)
+
+    def become_candidate(self) -> None:
+        if self.state == StateRole.Leader:
+            raise RaftError("invalid transition [leader -> candidate]")
+        self._reset(self.term + 1)
+        self.vote = self.id
+        self.state = StateRole.Candidate
+        self._info("became candidate", term=self.term)
+
+    def become_pre_candidate(self) -> None:
+        if self.state == StateRole.Leader:
+            raise RaftError("invalid transition [leader -> pre-candidate]")
+        # Thesis §9.6: a pre-candidate changes neither its term nor its vote.
+        self.state = StateRole.PreCandidate
+        self.prs.reset_votes()
+        self.leader_id = INVALID_ID
+        self._info("became pre-candidate", term=self.term)
+
+    def become_leader(self) -> None:
+        if self.state == StateRole.Follower:
+            raise RaftError("invalid transition [follower -> leader]")
+        self._reset(self.term)
+        self.leader_id = self.id
+        self.state = StateRole.Leader
+        me = self.prs.progress.get(self.id)
+        if me is not None:
+            me.become_replicate()
+            me.recent_active = True
+        # Any conf change in the log may be uncommitted: allow no new one until all is applied.
+        self.pending_conf_index = self.log.last_index()
+        # Paper §8 / thesis §6.4: a no-op entry of the new term lets earlier entries commit.
+        self.append_entry([pb.Entry()])
+        self._info("became leader", term=self.term, index=self.log.last_index())
+
+    # ---- sending ------------------------------------------------------------------
+
+    def send(self, m: pb.Message) -> None:
+        if m.msg_type in _VOTE_TYPES:
+            if m.term == 0:
+                raise RaftError(f"term should be set when sending {msg_name(m.msg_type)}")
+        elif m.msg_type != MsgPropose:
+            m.term = self.term
+        if getattr(m, "from") == 0:
+            setattr(m, "from", self.id)
+        self.msgs.append(m)
+
+    def _new_msg(self, to: int, msg_type: int) -> pb.Message:
+        m = pb.Message(msg_type=msg_type, to=to, term=self.term)
+        setattr(m, "from", self.id)
+        return m
+
+    def maybe_send_append(self, to: int, send_if_empty: bool) -> bool:
+        pr = self.prs.progress.get(to)
+        if pr is None or pr.is_paused():
+            return False
+        if pr.pending_request_snapshot != 0:
+            return self._prepare_send_snapshot(to, pr)
+        try:
+            term = self.log.term(pr.next_idx - 1)
+            ents = self.log.entries(pr.next_idx, self.max_msg_size)
+        except Compacted:
+            return self._prepare_send_snapshot(to, pr)
+        if not ents and not send_if_empty:
+            return False
+        if term == 0 and pr.next_idx - 1 != 0 and pr.next_idx - 1 < self.log.first_index():
+            # The entry before next is compacted away (term unknown): only a snapshot helps.
+            return self._prepare_send_snapshot(to, pr)
+        m = pb.Message(
+            msg_type=MsgAppend,
+            to=to,
+            term=self.term,
+            index=pr.next_idx - 1,
+            log_term=term,
+            entries=ents,
+            commit=self.log.committed,
+        )
+        setattr(m, "from", self.id)
+        if ents:
+            pr.update_state(ents[-1].index)
+        self.msgs.append(m)
+        return True
+
+    def _prepare_send_snapshot(self, to: int, pr: Progress) -> bool:
+        if not pr.recent_active:
+            self._debug("ignore sending snapshot since peer is not recently active", to=to)
+            return False
+        try:
+            snap = self.log.snapshot(pr.pending_request_snapshot, to)
+        except SnapshotTemporarilyUnavailable:
+            self._debug("failed to send snapshot because snapshot is temporarily unavailable", to=to)
+            return False
+        if snapshot_is_empty(snap):
+            raise RaftError("need non-empty snapshot")
+        sindex, sterm = snap.metadata.index, snap.metadata.term
+        self._info(
+            "sent snapshot", to=to, snapshot_index=sindex, snapshot_term=sterm, first_index=self.log.first_index(), progress=pr
+        )
+        pr.become_snapshot(sindex)
+        m = self._new_msg(to, MsgSnapshot)
+        m.snapshot.CopyFrom(snap)
+        self.msgs.append(m)
+        return True
+
+    def send_append(self, to: int) -> None:
+        self.maybe_send_append(to, True)
+
+    def bcast_append(self) -> None:
+        """Mark every follower for an append; flush_appends() sends them (one batch each)."""
+        self._bcast_pending = True
+
+    def flush_appends(self) -> None:
+        if not self._bcast_pending:
+            return
+        self._bcast_pending = False
+        if self.state != StateRole.Leader:
+            return
+        for pid in self.prs.progress:
+            if pid != self.id:
+                if self.maybe_send_append(pid, True):
+                    while self.maybe_send_append(pid, False):
+                        pass
+
+    def send_heartbeat(self, to: int, pr: Progress) -> None:
+        # Paper §5.3 / raft-rs: a follower may not have the leader's whole log, so only
+        # commit what it provably matches.
+        m = pb.Message(msg_type=MsgHeartbeat, to=to, term=self.term, commit=min(pr.matched, self.log.committed))
+        setattr(m, "from", self.id)
+        self.msgs.append(m)
+
+    def bcast_heartbeat(self) -> None:
+        for pid, pr in self.prs.progress.items():
+            if pid != self.id:
+                self.send_heartbeat(pid, pr)
+
+    def send_timeout_now(self, to: int) -> None:
+        self.msgs.append(self._new_msg(to, MsgTimeoutNow))
+
+    # ---- leader bookkeeping ----------------------------------------------------------
+
+    def maybe_commit(self) -> bool:
+        return self.log.maybe_commit(self.prs.committed(), self.term)
+
+    def append_entry(self, ents: list[pb.Entry]) -> None:
+        li = self.log.last_index()
+        term = self.term
+        for i, e in enumerate(ents):
+            e.term = term
+            e.index = li + 1 + i
+        self.log.append(ents)
+        # The leader's own match advances only once the host persisted the entries (on_persist).
+
+    def on_persist_entries(self, index: int, term: int) -> None:
+        """The host persisted entries up to (index, term)."""
+        if not self.log.stable_entries(index, term):
+            return
+        if self.state == StateRole.Leader:
+            pr = self.prs.progress.get(self.id)
+            if pr is not None and pr.maybe_update(self.log.persisted):
+                if self.maybe_commit() and not self.skip_bcast_commit:
+                    self.bcast_append()
+
+    def on_persist_snap(self, index: int) -> None:
+        self.log.stable_snap(index)
+        if index > self.log.applied:
+            self.log.applied = index
+            if self.log.applying < index:
+                self.log.applying = index
+
+    def commit_apply(self, applied: int) -> None:
+        """The host applied entries up to `applied` (advance_apply_to)."""
+        old_applied = self.log.applied
+        self.log.applied_to(applied)
+        # Thesis §4.3 / raft-rs auto-leave: once the joint config is applied, the leader
+        # proposes the empty ConfChangeV2 that leaves it.
+        if (
+            self.prs.conf.auto_leave
+            and old_applied <= self.pending_conf_index <= applied
+            and self.state == StateRole.Leader
+        ):
+            e = pb.Entry(entry_type=pb.EntryConfChangeV2, data=b"")
+            self.append_entry([e])
+            self.pending_conf_index = self.log.last_index()
+            self.bcast_append()
+            self._info("initiating automatic transition out of joint configuration", index=self.pending_conf_index)
+
+    def abort_leader_transfer(self) -> None:
+        self.lead_transferee = INVALID_ID
+
+    def has_unapplied_conf_changes(self) -> bool:
+        lo = self.log.applied + 1
+        hi = self.log.committed + 1
+        if lo >= hi:
+            return False
+        try:
+            ents = self.log.slice(max(lo, self.log.first_index()), hi)
+        except (Compacted, RaftError):
+            return False
+        return any(e.entry_type != pb.EntryNormal for e in ents)
+
+    # ---- ticks --------------------------------------------------------------------
+
+    def tick(self) -> None:
+        if self.state == StateRole.Leader:
+            self.tick_heartbeat()
+        else:
+            self.tick_election()
+
+    def tick_election(self) -> None:
+        self.election_elapsed += 1
+        if self.promotable and self.past_election_timeout():
+            self.election_elapsed = 0
+            self.step(pb.Message(msg_type=MsgHup, **{"from": self.id}))
+
+    def tick_heartbeat(self) -> None:
+        self.heartbeat_elapsed += 1
+        self.election_elapsed += 1
+        if self.election_elapsed >= self.election_timeout:
+            self.election_elapsed = 0
+            if self.check_quorum:
+                self.step(pb.Message(msg_type=MsgCheckQuorum, **{"from": self.id}))
+            # Thesis §3.10: a transfer that did not finish within an election timeout is aborted.
+            if self.state == StateRole.Leader and self.lead_transferee != INVALID_ID:
+                self._info("abort leader transfer, timed out", transferee=self.lead_transferee)
+                self.abort_leader_transfer()
+        if self.state != StateRole.Leader:
+            return
+        if self.heartbeat_elapsed >= self.heartbeat_timeout:
+            self.heartbeat_elapsed = 0
+            self.step(pb.Message(msg_type=MsgBeat, **{"from": self.id}))
+
+    # ---- elections ----------------------------------------------------------------
+
+    def hup(self, transfer_leader: bool) -> None:
+        if self.state == StateRole.Leader:
+            self._debug("ignoring MsgHup because already leader")
+            return
+        if not self.promotable:
+            self._warn("is unpromotable and can not campaign", term=self.term)
+            return
+        # Thesis §4.1: a node must not campaign with a committed but unapplied conf change.
+        if self.has_unapplied_conf_changes():
+            self._warn(
+                "cannot campaign since there are still pending configuration changes to apply",
+                term=self.term,
+                applied=self.log.applied,
+                committed=self.log.committed,
+            )
+            return
+        self._info("starting a new election", term=self.term)
+        if transfer_leader:
+            self.campaign(CAMPAIGN_TRANSFER)
+        elif self.pre_vote:
+            self.campaign(CAMPAIGN_PRE_ELECTION)
+        else:
+            self.campaign(CAMPAIGN_ELECTION)
+
+    def campaign(self, campaign_type: bytes) -> None:
+        if campaign_type == CAMPAIGN_PRE_ELECTION:
+            self.become_pre_candidate()
+            vote_msg = MsgRequestPreVote
+            # Pre-vote asks for the next term without moving to it (thesis §9.6).
+            term = self.term + 1
+        else:
+            self.become_candidate()
+            vote_msg = MsgRequestVote
+            term = self.term
+        if self.poll(self.id, vote_msg, True) == VoteResult.Won:
+            # Single-voter configuration: we won at once.
+            if campaign_type == CAMPAIGN_PRE_ELECTION:
+                self.campaign(CAMPAIGN_ELECTION)
+            else:
+                self.become_leader()
+            return
+        commit, commit_term = self.log.commit_info()
+        last_index = self.log.last_index()
+        last_term = self.log.last_term()
+        for pid in sorted(self.prs.conf.voter_ids()):
+            if pid == self.id:
+                continue
+            self._info(
+                "sent vote request",
+                msg=msg_name(vote_msg),
+                to=pid,
+                term=term,
+                log_term=last_term,
+                index=last_index,
+            )
+            m = pb.Message(
+                msg_type=vote_msg,
+                to=pid,
+                term=term,
+                index=last_index,
+                log_term=last_term,
+                commit=commit,
+                commit_term=commit_term,
+            )
+            setattr(m, "from", self.id)
+            if campaign_type == CAMPAIGN_TRANSFER:
+                m.context = campaign_type
+            self.msgs.append(m)
+
+    def poll(self, pid: int, msg_type: int, granted: bool) -> VoteResult:
+        self.prs.record_vote(pid, granted)
+        g, r, result = self.prs.tally_votes()
+        self._info(
+            "received votes",
+            msg=msg_name(msg_type),
+            voter=pid,
+            granted=granted,
+            term=self.term,
+            approvals=g,
+            rejections=r,
+        )
+        return result
+
+    # ---- step ---------------------------------------------------------------------
+
+    def step(self, m: pb.Message) -> None:
+        """Process one message (local or from a peer); raft-rs's Raft::step."""
+        t = m.msg_type
+        if m.term == 0:
+            pass  # local message
+        elif m.term > self.term:
+            if t == MsgRequestVote or t == MsgRequestPreVote:
+                force = m.context == CAMPAIGN_TRANSFER
+                in_lease = (
+                    self.check_quorum and self.leader_id != INVALID_ID and self.election_elapsed < self.election_timeout
+                )
+                if not force and in_lease:
+                    # Thesis §4.2.3: while we hear from a leader, ignore disruptive vote requests.
+                    self._info(
+                        "ignored vote request, lease is not expired",
+                        msg=msg_name(t),
+                        **{"from": getattr(m, "from")},
+                        term=self.term,
+                        msg_term=m.term,
+                        remaining_ticks=self.election_timeout - self.election_elapsed,
+                    )
+                    return
+            if t == MsgRequestPreVote or (t == MsgRequestPreVoteResponse and not m.reject):
+                # A pre-vote never moves terms; a granted pre-vote response carries the
+                # future term and we only move there when we win (thesis §9.6).
+                pass
+            else:
+                self._info(
+                    "received a message with higher term",
+                    msg=msg_name(t),
+                    **{"from": getattr(m, "from")},
+                    term=self.term,
+                    msg_term=m.term,
+                )
+                if t in (MsgAppend, MsgHeartbeat, MsgSnapshot):
+                    self.become_follower(m.term, getattr(m, "from"))
+                else:
+                    self.become_follower(m.term, INVALID_ID)
+        elif m.term < self.term:
+            frm = getattr(m, "from")
+            if (self.check_quorum or self.pre_vote) and t in (MsgHeartbeat, MsgAppend):
+                # A stale leader (e.g. after a partition) learns our term from this and
+                # steps down; without it, pre-vote/check-quorum could leave it stuck.
+                self.send(pb.Message(msg_type=MsgAppendResponse, to=frm))
+            elif t == MsgRequestPreVote:
+                self._info("rejected pre-vote from lower term", **{"from": frm}, term=self.term, msg_term=m.term)
+                self.send(pb.Message(msg_type=MsgRequestPreVoteResponse, to=frm, term=self.term, reject=True))
+            else:
+                self._debug("ignored a message with lower term", msg=msg_name(t), **{"from": frm}, msg_term=m.term)
+            return
+
+        if t == MsgHup:
+            self.hup(False)
+        elif t == MsgRequestVote or t == MsgRequestPreVote:
+            self._handle_vote_request(m)
+        elif self.state == StateRole.Leader:
+            self.step_leader(m)
+        elif self.state == StateRole.Follower:
+            self.step_follower(m)
+        else:
+            self.step_candidate(m)
+
+    def _handle_vote_request(self, m: pb.Message) -> None:
+        t = m.msg_type
+        frm = getattr(m, "from")
+        # Paper §5.2/§5.4: one vote per term, only for a log at least as up to date as ours.
+        can_vote = (
+            self.vote == frm
+            or (self.vote == INVALID_ID and self.leader_id == INVALID_ID)
+            or (t == MsgRequestPreVote and m.term > self.term)
+        )
+        if can_vote and self.log.is_up_to_date(m.index, m.log_term):
+            self._info(
+                "cast vote",
+                msg=msg_name(t),
+                candidate=frm,
+                term=self.term,
+                msg_term=m.term,
+                log_term=m.log_term,
+                index=m.index,
+            )
+            self.send(pb.Message(msg_type=_vote_resp_type(t), to=frm, term=m.term, reject=False))
+            if t == MsgRequestVote:
+                self.election_elapsed = 0
+                self.vote = frm
+        else:
+            self._info(
+                "rejected vote",
+                msg=msg_name(t),
+                candidate=frm,
+                term=self.term,
+                msg_term=m.term,
+                vote=self.vote,
+                log_term=m.log_term,
+                index=m.index,
+                last_term=self.log.last_term(),
+                last_index=self.log.last_index(),
+            )
+            commit, commit_term = self.log.commit_info()
+            self.send(
+                pb.Message(
+                    msg_type=_vote_resp_type(t),
+                    to=frm,
+                    term=self.term,
+                    reject=True,
+                    commit=commit,
+                    commit_term=commit_term,
+                )
+            )
+            self.maybe_commit_by_vote(m)
+
+    def maybe_commit_by_vote(self, m: pb.Message) -> None:
+        """raft-rs: a peer's (commit, commit_term) lets us commit if our log has that entry (log matching, §5.3)."""
+        if m.commit == 0 or m.commit_term == 0:
+            return
+        if m.commit <= self.log.committed or self.state == StateRole.Leader:
+            return
+        if m.commit > self.log.last_index():
+            return
+        if self.log.maybe_commit(m.commit, m.commit_term):
+            self._info("advanced commit by vote message", commit=self.log.committed, term=self.term)
+
+    # ---- leader -------------------------------------------------------------------
+
+    def step_leader(self, m: pb.Message) -> None:
+        t = m.msg_type
+        if t == MsgBeat:
+            self.bcast_heartbeat()
+            return
+        if t == MsgCheckQuorum:
+            if not self.prs.quorum_recently_active(self.id):
+                self._warn("stepped down to follower since quorum is not active", term=self.term)
+                self.become_follower(self.term, INVALID_ID)
+            return
+        if t == MsgPropose:
+            self._propose(m)
+            return
+
+        frm = getattr(m, "from")
+        pr = self.prs.progress.get(frm)
+        if pr is None:
+            self._debug("no progress available", peer=frm)
+            return
+        if t == MsgAppendResponse:
+            self._handle_append_response(m, pr)
+        elif t == MsgHeartbeatResponse:
+            pr.recent_active = True
+            pr.resume()
+            if pr.state == ProgressState.Replicate and pr.ins.full():
+                pr.ins.free_first_one()
+            if pr.matched < self.log.last_index() or pr.pending_request_snapshot != 0:
+                self.send_append(frm)
+        elif t == MsgSnapStatus:
+            if pr.state != ProgressState.Snapshot:
+                return
+            if m.reject:
+                pr.snapshot_failure()
+                pr.become_probe()
+                self._info("snapshot failed, resumed sending replication messages", to=frm, progress=pr)
+            else:
+                pr.become_probe()
+                self._info("snapshot succeeded, resumed sending replication messages", to=frm, progress=pr)
+            # Wait for the append response (or a heartbeat) before the next append.
+            pr.pause()
+        elif t == MsgUnreachable:
+            # The transport failed: stop streaming and probe instead.
+            if pr.state == ProgressState.Replicate:
+                pr.become_probe()
+            self._debug("failed to send message, peer is unreachable", to=frm)
+        elif t == MsgTransferLeader:
+            self._handle_transfer_leader(m, pr)
+
+    def _propose(self, m: pb.Message) -> None:
+        if not m.entries:
+            raise RaftError("stepped empty MsgPropose")
+        if self.id not in self.prs.progress:
+            # Removed from the config (thesis §4.2.2): do not accept proposals.
+            raise ProposalDropped("this node is not in the configuration")
+        if self.lead_transferee != INVALID_ID:
+            self._debug("proposal dropped, leader transfer in progress", transferee=self.lead_transferee)
+            raise ProposalDropped(f"leader transfer to {self.lead_transferee} in progress")
+        ents = list(m.entries)
+        for i, e in enumerate(ents):
+            if e.entry_type == pb.EntryConfChange:
+                raise ProposalDropped("ConfChange v1 is not supported, use ConfChangeV2")
+            if e.entry_type == pb.EntryConfChangeV2:
+                cc = pb.ConfChangeV2()
+                cc.ParseFromString(e.data)
+                already_pending = self.pending_conf_index > self.log.applied
+                already_joint = self.prs.conf.is_joint()
+                wants_leave = confchange.leave_joint(cc)
+                refused = None
+                if already_pending:
+                    refused = f"possible unapplied conf change at index {self.pending_conf_index} (applied to {self.log.applied})"
+                elif already_joint and not wants_leave:
+                    refused = "must transition out of joint config first"
+                elif not already_joint and wants_leave:
+                    refused = "not in joint state; refusing empty conf change"
+                if refused:
+                    self._info("ignoring conf change", reason=refused)
+                    # Thesis §4.1: one change at a time; the slot becomes an empty entry.
+                    ents[i] = pb.Entry(entry_type=pb.EntryNormal)
+                else:
+                    self.pending_conf_index = self.log.last_index() + i + 1
+        self.append_entry(ents)
+        self.bcast_append()
+
+    def _handle_append_response(self, m: pb.Message, pr: Progress) -> None:
+        frm = getattr(m, "from")
+        pr.recent_active = True
+        if m.reject:
+            # raft-rs fast back-off: the follower told us its term at reject_hint; skip every
+            # index of ours whose term is larger (thesis §5.3 optimisation).
+            next_probe = m.reject_hint
+            if m.log_term > 0:
+                next_probe, _ = self.log.find_conflict_by_term(m.reject_hint, m.log_term)
+            if pr.maybe_decr_to(m.index, next_probe, m.request_snapshot):
+                self._debug(
+                    "received append rejection",
+                    **{"from": frm},
+                    index=m.index,
+                    reject_hint=m.reject_hint,
+                    log_term=m.log_term,
+                    progress=pr,
+                )
+                if pr.state == ProgressState.Replicate:
+                    pr.become_probe()
+                self.send_append(frm)
+            return
+
+        old_paused = pr.is_paused()
+        if not pr.maybe_update(m.index):
+            return
+        if pr.state == ProgressState.Probe:
+            pr.become_replicate()
+        elif pr.state == ProgressState.Snapshot:
+            if pr.matched + 1 >= self.log.first_index() or pr.is_snapshot_caught_up():
+                self._debug("snapshot caught up, resumed replication", to=frm, progress=pr)
+                pr.become_probe()
+                pr.become_replicate()
+        else:
+            pr.ins.free_to(m.index)
+
+        if self.maybe_commit():
+            if not self.skip_bcast_commit:
+                self.bcast_append()
+        elif old_paused:
+            self.send_append(frm)
+        # The window may have opened for several batches at once.
+        while self.maybe_send_append(frm, False):
+            pass
+        if frm == self.lead_transferee and pr.matched == self.log.last_index():
+            self._info("sent MsgTimeoutNow after received MsgAppResp", to=frm)
+            self.send_timeout_now(frm)
+
+    def _handle_transfer_leader(self, m: pb.Message, pr: Progress) -> None:
+        transferee = getattr(m, "from")
+        if pr.is_learner:
+            self._debug("ignored transferring leadership to a learner", to=transferee)
+            return
+        last = self.lead_transferee
+        if last != INVALID_ID:
+            if last == transferee:
+                self._info("transfer leadership already in progress", to=transferee)
+                return
+            self.abort_leader_transfer()
+            self._info("abort previous transferring leadership", previous=last)
+        if transferee == self.id:
+            self._debug("already leader, ignored transferring leadership to self")
+            return
+        self._info("starts to transfer leadership", to=transferee, term=self.term)
+        # Thesis §3.10: the transfer must finish within one election timeout.
+        self.election_elapsed = 0
+        self.lead_transferee = transferee
+        if pr.matched == self.log.last_index():
+            self.send_timeout_now(transferee)
+            self._info("sends MsgTimeoutNow immediately as transferee already has up-to-date log", to=transferee)
+        else:
+            self.send_append(transferee)
+
+    # ---- candidate ----------------------------------------------------------------
+
+    def step_candidate(self, m: pb.Message) -> None:
+        t = m.msg_type
+        frm = getattr(m, "from")
+        if t == MsgPropose:
+            self._debug("no leader, dropping proposal", term=self.term)
+            raise ProposalDropped("no leader")
+        if t == MsgAppend:
+            self.become_follower(m.term, frm)
+            self.handle_append_entries(m)
+        elif t == MsgHeartbeat:
+            self.become_follower(m.term, frm)
+            self.handle_heartbeat(m)
+        elif t == MsgSnapshot:
+            self.become_follower(m.term, frm)
+            self.handle_snapshot(m)
+        elif (self.state == StateRole.PreCandidate and t == MsgRequestPreVoteResponse) or (
+            self.state == StateRole.Candidate and t == MsgRequestVoteResponse
+        ):
+            # Only responses to this candidacy count (a candidate may still get stale pre-vote answers).
+            result = self.poll(frm, t, not m.reject)
+            if result == VoteResult.Won:
+                if self.state == StateRole.PreCandidate:
+                    self.campaign(CAMPAIGN_ELECTION)
+                else:
+                    self.become_leader()
+                    self.bcast_append()
+            elif result == VoteResult.Lost:
+                # Pre-vote may lose against a peer at our own term: go back to its term as follower.
+                self.become_follower(self.term, INVALID_ID)
+            if m.reject:
+                self.maybe_commit_by_vote(m)
+        elif t == MsgTimeoutNow:
+            self._debug("ignored MsgTimeoutNow", term=self.term, state=self.state.name, **{"from": frm})
+
+    # ---- follower -----------------------------------------------------------------
+
+    def step_follower(self, m: pb.Message) -> None:
+        t = m.msg_type
+        frm = getattr(m, "from")
+        if t == MsgPropose:
+            if self.leader_id == INVALID_ID:
+                self._debug("no leader, dropping proposal", term=self.term)
+                raise ProposalDropped("no leader")
+            m.to = self.leader_id
+            self.send(m)
+        elif t == MsgAppend:
+            self.election_elapsed = 0
+            self.leader_id = frm
+            self.handle_append_entries(m)
+        elif t == MsgHeartbeat:
+            self.election_elapsed = 0
+            self.leader_id = frm
+            self.handle_heartbeat(m)
+        elif t == MsgSnapshot:
+            self.election_elapsed = 0
+            self.leader_id = frm
+            self.handle_snapshot(m)
+        elif t == MsgTransferLeader:
+            if self.leader_id == INVALID_ID:
+                self._info("no leader, dropping leader transfer", term=self.term)
+                return
+            m.to = self.leader_id
+            self.send(m)
+        elif t == MsgTimeoutNow:
+            if self.promotable:
+                self._info("received MsgTimeoutNow, starts an election to get leadership", **{"from": frm}, term=self.term)
+                # Leadership transfer (thesis §3.10): campaign at once, bypassing lease checks.
+                self.hup(True)
+            else:
+                self._info("received MsgTimeoutNow but is not promotable", **{"from": frm})
+
+    def _send_request_snapshot(self) -> None:
+        m = self._new_msg(self.leader_id, MsgAppendResponse)
+        m.index = self.log.committed
+        m.reject = True
+        m.reject_hint = self.log.last_index()
+        m.log_term = self.log.term(m.reject_hint)
+        m.request_snapshot = self.pending_request_snapshot
+        self.msgs.append(m)
+
+    def request_snapshot(self, request_index: int) -> None:
+        if self.state == StateRole.Leader:
+            raise RaftError("can not request snapshot on leader")
+        if self.leader_id == INVALID_ID:
+            raise RaftError("drop request snapshot because of no leader")
+        if self.pending_request_snapshot != 0:
+            raise RaftError("there is a pending snapshot request")
+        self.pending_request_snapshot = request_index
+        self._send_request_snapshot()
+
+    def handle_append_entries(self, m: pb.Message) -> None:
+        if self.pending_request_snapshot != 0:
+            self._send_request_snapshot()
+            return
+        frm = getattr(m, "from")
+        committed = self.log.committed
+        if m.index < committed:
+            # Already committed here: tell the leader where we are so it skips ahead.
+            r = pb.Message(msg_type=MsgAppendResponse, to=frm, term=self.term, index=committed, commit=committed)
+            setattr(r, "from", self.id)
+            self.msgs.append(r)
+            return
+        res = self.log.maybe_append(m.index, m.log_term, m.commit, m.entries)
+        if res is not None:
+            r = pb.Message(msg_type=MsgAppendResponse, to=frm, term=self.term, index=res[1], commit=self.log.committed)
+            setattr(r, "from", self.id)
+            self.msgs.append(r)
+            return
+        # Paper §5.3 consistency check failed. Tell the leader the largest index at or
+        # below the probe whose term is <= the probe's term, and that term (raft-rs hint).
+        hint_index = min(m.index, self.log.last_index())
+        hint_index, hint_term = self.log.find_conflict_by_term(hint_index, m.log_term)
+        if hint_term is None:
+            hint_term = 0
+        self._debug(
+            "rejected msgApp",
+            log_term=self.log.term(m.index),
+            index=m.index,
+            msg_log_term=m.log_term,
+            reject_hint=hint_index,
+            hint_term=hint_term,
+            **{"from": frm},
+        )
+        r = pb.Message(
+            msg_type=MsgAppendResponse,
+            to=frm,
+            term=self.term,
+            index=m.index,
+            reject=True,
+            reject_hint=hint_index,
+            log_term=hint_term,
+            commit=self.log.committed,
+        )
+        setattr(r, "from", self.id)
+        self.msgs.append(r)
+
+    def handle_heartbeat(self, m: pb.Message) -> None:
+        if m.commit > self.log.committed:
+            if m.commit <= self.log.last_index():
+                self.log.commit_to(m.commit)
+            else:
+                self._warn("heartbeat commit beyond last index", commit=m.commit, last_index=self.log.last_index())
+        r = pb.Message(msg_type=MsgHeartbeatResponse, to=getattr(m, "from"), term=self.term, context=m.context)
+        setattr(r, "from", self.id)
+        self.msgs.append(r)
+
+    def handle_snapshot(self, m: pb.Message) -> None:
+        frm = getattr(m, "from")
+        if not m.HasField("snapshot") or snapshot_is_empty(m.snapshot):
+            self._warn("ignored empty snapshot", **{"from": frm})
+            return
+        sindex, sterm = m.snapshot.metadata.index, m.snapshot.metadata.term
+        if self.restore(m.snapshot):
+            self._info("restored snapshot", snapshot_index=sindex, snapshot_term=sterm, commit=self.log.committed)
+            index = self.log.last_index()
+        else:
+            self._info("ignored snapshot", snapshot_index=sindex, snapshot_term=sterm, commit=self.log.committed)
+            index = self.log.committed
+        r = pb.Message(msg_type=MsgAppendResponse, to=frm, term=self.term, index=index)
+        setattr(r, "from", self.id)
+        self.msgs.append(r)
+
+    def restore(self, snap: pb.Snapshot) -> bool:
+        """Install a leader's snapshot (paper §7); False if it is stale or already covered."""
+        meta = snap.metadata
+        if meta.index < self.log.committed:
+            return False
+        if self.state != StateRole.Follower:
+            # Defence in depth: only a follower may install a snapshot.
+            self._warn("non-follower attempted to restore snapshot", state=self.state.name)
+            self.become_follower(self.term + 1, INVALID_ID)
+            return False
+        cs = meta.conf_state
+        if self.id not in cs.voters and self.id not in cs.learners and self.id not in cs.voters_outgoing:
+            self._warn("attempted to restore snapshot but it is not in the ConfState", conf_state=list(cs.voters))
+            return False
+        if self.pending_request_snapshot == 0 and self.log.match_term(meta.index, meta.term):
+            # Our log already has the snapshot's last entry: just move commit (log matching).
+            self._info("fast-forwarded commit to snapshot", commit=self.log.committed, snapshot_index=meta.index)
+            self.log.commit_to(meta.index)
+            return False
+        snap_copy = pb.Snapshot()
+        snap_copy.CopyFrom(snap)
+        self.log.restore(snap_copy)
+        confchange.restore(self.prs, self.log.last_index(), cs)
+        self._post_conf_change()
+        self.pending_request_snapshot = 0
+        return True
+
+    # ---- membership ---------------------------------------------------------------
+
+    def apply_conf_change(self, cc: pb.ConfChangeV2) -> pb.ConfState:
+        """Apply a committed ConfChangeV2 (thesis §4.3), as the host applies its entry."""
+        try:
+            cfg, prs = confchange.apply_change(self.prs, self.log.last_index(), cc)
+        except ConfChangeError:
+            raise
+        self.prs.apply_conf(cfg, prs)
+        return self._post_conf_change()
+
+    def _post_conf_change(self) -> pb.ConfState:
+        cs = self.prs.conf.to_conf_state()
+        is_voter = self.id in self.prs.conf.incoming or self.id in self.prs.conf.outgoing
+        self.promotable = is_voter
+        if not is_voter and self.state == StateRole.Leader:
+            if self.config.step_down_on_removal:
+                # Thesis §4.2.2: a leader that is no longer part of the config steps down.
+                self._info("stepping down, removed from the configuration", term=self.term)
+                self.become_follower(self.term, INVALID_ID)
+            return cs
+        if self.state != StateRole.Leader or not cs.voters:
+            return cs
+        if self.maybe_commit():
+            self.bcast_append()
+        else:
+            for pid in self.prs.progress:
+                if pid != self.id:
+                    self.maybe_send_append(pid, False)
+        if self.lead_transferee != INVALID_ID and self.lead_transferee not in self.prs.conf.voter_ids():
+            self.abort_leader_transfer()
+        return cs

@@ -1,0 +1,213 @@
+"""A tiny deterministic in-memory network of RawNodes for the raft unit tests.
+
+Each node has a MemoryStorage; `Network.settle()` plays the host loop (persist each Ready,
+send its messages, apply committed entries, advance) and delivers messages until nothing
+moves. Messages travel as bytes (serialized and parsed again) so the wire format is
+exercised. Faults: drop(from, to, p), cut(a, b), isolate(id), recover(). No clock, no I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+
+from cita_raft_pb import eraftpb_pb2 as pb
+from raft import Config, MemoryStorage, RawNode, StateRole
+from raft.errors import RaftError
+
+
+def conf_change(*changes: tuple[str, int], transition: int = pb.Auto) -> pb.ConfChangeV2:
+    """conf_change(("add", 4), ("remove", 1), ("learner", 5))."""
+    kinds = {"add": pb.AddNode, "remove": pb.RemoveNode, "learner": pb.AddLearnerNode}
+    cc = pb.ConfChangeV2(transition=transition)
+    for kind, nid in changes:
+        cc.changes.add(change_type=kinds[kind], node_id=nid)
+    return cc
+
+
+class Node:
+    def __init__(self, nid: int, storage: MemoryStorage, config: Config, seed: int, logger: logging.Logger) -> None:
+        self.id = nid
+        self.storage = storage
+        self.config = config
+        self.raw = RawNode(config, storage, rng=random.Random(seed), logger=logger)
+        self.applied: list[pb.Entry] = []  # every committed entry handed out, in order
+        self.conf_states: list[pb.ConfState] = []
+
+    @property
+    def raft(self):
+        return self.raw.raft
+
+    def normal_data(self) -> list[bytes]:
+        return [e.data for e in self.applied if e.entry_type == pb.EntryNormal and e.data]
+
+
+class Network:
+    def __init__(
+        self,
+        ids: list[int] | int = 3,
+        seed: int = 1,
+        serialize: bool = True,
+        logger: logging.Logger | None = None,
+        **cfg,
+    ) -> None:
+        if isinstance(ids, int):
+            ids = list(range(1, ids + 1))
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.serialize = serialize
+        self.logger = logger or logging.getLogger("raft.test")
+        self.cfg = dict(election_tick=10, heartbeat_tick=1)
+        self.cfg.update(cfg)
+        self.nodes: dict[int, Node] = {}
+        self.queue: deque[pb.Message] = deque()
+        self.dropped: dict[tuple[int, int], float] = {}
+        self.ignored_types: set[int] = set()
+        self.sent: list[pb.Message] = []  # every message handed to the network (for assertions)
+        for nid in ids:
+            self.add_node(nid, voters=ids)
+
+    # ---- membership of the harness ---------------------------------------------------
+
+    def add_node(self, nid: int, voters: list[int] | None = None, storage: MemoryStorage | None = None, **cfg) -> Node:
+        if storage is None:
+            storage = MemoryStorage.new_with_conf_state(list(voters) if voters else [])
+        c = dict(self.cfg)
+        c.update(cfg)
+        node = Node(nid, storage, Config(id=nid, **c), seed=self.seed * 1000 + nid, logger=self.logger)
+        self.nodes[nid] = node
+        return node
+
+    def restart(self, nid: int, **cfg) -> Node:
+        """Crash and restart a node from what its storage holds (MemoryStorage is durable here)."""
+        old = self.nodes[nid]
+        c = dict(self.cfg)
+        c.update(cfg)
+        c["applied"] = old.raft.log.applied
+        node = Node(nid, old.storage, Config(id=nid, **c), seed=self.seed * 1000 + nid + 7, logger=self.logger)
+        node.applied = old.applied[: c["applied"] - (old.applied[0].index - 1) if old.applied else 0]
+        self.nodes[nid] = node
+        return node
+
+    # ---- faults -------------------------------------------------------------------
+
+    def drop(self, frm: int, to: int, p: float = 1.0) -> None:
+        self.dropped[(frm, to)] = p
+
+    def cut(self, a: int, b: int) -> None:
+        self.drop(a, b)
+        self.drop(b, a)
+
+    def isolate(self, nid: int) -> None:
+        for other in self.nodes:
+            if other != nid:
+                self.cut(nid, other)
+
+    def recover(self) -> None:
+        self.dropped.clear()
+        self.ignored_types.clear()
+
+    def ignore(self, msg_type: int) -> None:
+        self.ignored_types.add(msg_type)
+
+    # ---- driving ------------------------------------------------------------------
+
+    def send(self, msgs: list[pb.Message]) -> None:
+        for m in msgs:
+            self.sent.append(m)
+            if m.msg_type in self.ignored_types:
+                continue
+            p = self.dropped.get((getattr(m, "from"), m.to), 0.0)
+            if p and (p >= 1.0 or self.rng.random() < p):
+                continue
+            if self.serialize:
+                m = pb.Message.FromString(m.SerializeToString())
+            self.queue.append(m)
+
+    def handle_ready(self, node: Node) -> bool:
+        raw = node.raw
+        if not raw.has_ready():
+            return False
+        rd = raw.ready()
+        self.send(rd.messages)
+        st = node.storage
+        if rd.snapshot is not None:
+            st.apply_snapshot(rd.snapshot)
+        if rd.entries:
+            st.append(rd.entries)
+        if rd.hard_state is not None:
+            st.set_hardstate(rd.hard_state)
+        st.sync()
+        self.send(rd.persisted_messages)
+        for e in rd.committed_entries:
+            node.applied.append(e)
+            if e.entry_type == pb.EntryConfChangeV2:
+                cc = pb.ConfChangeV2.FromString(e.data)
+                cs = raw.apply_conf_change(cc)
+                st.set_conf_state(cs)
+                node.conf_states.append(cs)
+        raw.advance(rd)
+        if rd.committed_entries:
+            raw.advance_apply_to(rd.committed_entries[-1].index)
+        return True
+
+    def deliver_one(self) -> bool:
+        if not self.queue:
+            return False
+        m = self.queue.popleft()
+        node = self.nodes.get(m.to)
+        if node is None:
+            return True
+        try:
+            node.raw.step(m)
+        except RaftError as e:  # e.g. a response from a removed peer
+            self.logger.debug("step error at %d: %s", m.to, e)
+        return True
+
+    def settle(self, max_rounds: int = 10_000) -> None:
+        """Run Readies and deliveries until no node has anything left to do."""
+        for _ in range(max_rounds):
+            moved = False
+            for node in list(self.nodes.values()):
+                while self.handle_ready(node):
+                    moved = True
+            while self.deliver_one():
+                moved = True
+                for node in list(self.nodes.values()):
+                    while self.handle_ready(node):
+                        pass
+            if not moved:
+                return
+        raise AssertionError(f"network did not settle within {max_rounds} rounds")
+
+    def tick(self, n: int = 1, nodes: list[int] | None = None) -> None:
+        for _ in range(n):
+            for nid in nodes or list(self.nodes):
+                self.nodes[nid].raw.tick()
+            self.settle()
+
+    def campaign(self, nid: int) -> None:
+        self.nodes[nid].raw.campaign()
+        self.settle()
+
+    def propose(self, nid: int, data: bytes) -> None:
+        self.nodes[nid].raw.propose(data)
+        self.settle()
+
+    # ---- queries ------------------------------------------------------------------
+
+    def leader(self) -> int | None:
+        leaders = [n.id for n in self.nodes.values() if n.raft.state == StateRole.Leader]
+        best = max(leaders, key=lambda i: self.nodes[i].raft.term, default=None)
+        return best
+
+    def elect(self, nid: int) -> None:
+        self.campaign(nid)
+        assert self.nodes[nid].raft.state == StateRole.Leader, f"node {nid} should have won the election"
+
+    def state(self, nid: int) -> StateRole:
+        return self.nodes[nid].raft.state
+
+    def term(self, nid: int) -> int:
+        return self.nodes[nid].raft.term
