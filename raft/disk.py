@@ -42,7 +42,7 @@ from raft.errors import (
 )
 from raft.snapshot import SnapshotStore
 from raft.storage import RaftState, limit_size
-from raft.wal import Kind, WalWriter, fsync_dir, list_segments, scan_segment, segment_name
+from raft.wal import Kind, WalWriter, fsync_dir, list_segments, read_last_seq, scan_segment, segment_name
 
 __all__ = ["DiskStorage", "STORE_DIR"]
 
@@ -186,6 +186,15 @@ class DiskStorage:
         segments = list_segments(wal_dir)
         if not segments:
             raise CorruptLog(f"no WAL segment in {wal_dir}: the log is missing. {_RESTORE_HINT}")
+        recorded = read_last_seq(wal_dir)
+        newest = segments[-1][0]
+        if recorded is None or not recorded <= newest <= recorded + 1:
+            # newest == recorded + 1: a crash between creating a segment and updating LAST.
+            raise CorruptLog(
+                f"WAL in {wal_dir} ends with {segment_name(newest)} but its LAST file says "
+                f"{'nothing readable' if recorded is None else segment_name(recorded)}: the newest "
+                f"segment(s) are missing or LAST is damaged. {_RESTORE_HINT}"
+            )
         for (a, _), (b, path_b) in zip(segments, segments[1:], strict=False):
             if b != a + 1:
                 raise CorruptLog(

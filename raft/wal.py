@@ -9,7 +9,8 @@ It must never report data as durable that was not fsynced, never retry a
 failed write or fsync as if it had worked (fail closed), and never skip a
 damaged record other than the torn tail of the last segment.
 
-Layout: `<dir>/<seq:016x>.wal`, seq counting up from 1 without gaps. Every
+Layout: `<dir>/<seq:016x>.wal`, seq counting up from 1 without gaps, and
+`<dir>/LAST` naming the newest seq (so a lost last segment is noticed). Every
 record is framed as
 
     length: u32 LE | crc: u32 LE | kind: u8 | payload (length bytes)
@@ -45,6 +46,8 @@ __all__ = [
     "encode_record",
     "fsync_dir",
     "list_segments",
+    "read_last_seq",
+    "write_last_seq",
     "read_records",
     "scan_segment",
     "segment_name",
@@ -96,6 +99,32 @@ def list_segments(dirpath: str) -> list[tuple[int, str]]:
             found.append((int(m.group(1), 16), os.path.join(dirpath, name)))
     found.sort()
     return found
+
+
+LAST_FILE = "LAST"
+
+
+def write_last_seq(dirpath: str, seq: int) -> None:
+    """Record durably (temp, fsync, rename, dir fsync) the newest segment's seq, so
+    that losing the last segment file is detected instead of silently replaying less."""
+    path = os.path.join(dirpath, LAST_FILE)
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, f"{seq}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(path + ".tmp", path)
+    fsync_dir(dirpath)
+
+
+def read_last_seq(dirpath: str) -> int | None:
+    """The seq recorded by write_last_seq, or None when the file is missing or unreadable."""
+    try:
+        with open(os.path.join(dirpath, LAST_FILE), "rb") as f:
+            return int(f.read().decode("ascii").strip())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
 
 
 def fsync_dir(dirpath: str) -> None:
@@ -240,6 +269,7 @@ class WalWriter:
             finally:
                 os.close(fd)
             fsync_dir(dirpath)
+            write_last_seq(dirpath, seq)
         except OSError as err:
             raise _disk_failure("create segment", path, err) from err
         return cls(dirpath, seq, len(data), segment_bytes, logger, segments)
@@ -324,6 +354,8 @@ class WalWriter:
             _write_all(fd, data)
             os.fsync(fd)
             fsync_dir(self.dirpath)
+            # Only once the new segment is durable may LAST point at it.
+            write_last_seq(self.dirpath, seq)
             return fd
 
         fd = self._guard("create segment", create)
