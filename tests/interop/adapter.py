@@ -148,12 +148,11 @@ class AdapterNode:
         progress = {}
         for pid, pr in (st.progress or {}).items():
             match, nxt, state = pr
-            progress[f"{pid:x}"] = {"match": match, "next": nxt, "state": role_name(state)
-                                  if not isinstance(state, str) else state}
+            progress[f"{pid:x}"] = {"match": match, "next": nxt, "state": role_name(state)}
         doc = {
             "id": f"{st.id:x}", "term": st.term, "vote": f"{st.vote:x}", "commit": st.commit,
             "lead": f"{st.leader_id:x}", "raftState": role_name(st.role), "applied": st.applied,
-            "progress": progress, "leadtransferee": "0",
+            "progress": progress, "leadtransferee": f"{st.lead_transferee:x}",
         }
         return json.dumps(doc).encode()
 
