@@ -46,3 +46,24 @@ clean:
 .PHONY: bench-interop
 bench-interop: setup
 	$(PY) scripts/bench_interop.py
+
+# devnet scenarios on real consensus.py processes (tests/integration; also run by CI)
+.PHONY: integration
+integration: setup
+	DEVNET_INTEGRATION=1 $(PY) -m pytest -q tests/integration
+
+# a live 3-node devnet (real consensus.py); Ctrl-C or DURATION=<s> ends it
+.PHONY: demo
+demo: setup
+	$(PY) -m devnet demo --nodes 3 $(if $(DURATION),--duration $(DURATION))
+
+# service benchmark on devnets: blocks/s, latency, failover, CPU/RSS, start-up;
+# prints a table, writes bench-results/bench_service.json
+.PHONY: bench
+bench: setup
+	$(PY) scripts/bench_service.py
+
+# random faults on a 4-node devnet, then heal and check (not in CI); MINUTES=5 SEED=n
+.PHONY: chaos
+chaos: setup
+	$(PY) -m devnet.chaos --nodes 4 --minutes $(or $(MINUTES),5) $(if $(SEED),--seed $(SEED))
