@@ -34,13 +34,28 @@ class Node:
         self.raw = RawNode(config, storage, rng=random.Random(seed), logger=logger)
         self.applied: list[pb.Entry] = []  # every committed entry handed out, in order
         self.conf_states: list[pb.ConfState] = []
+        # The replicated "state machine": data of applied normal entries (restored from snapshots).
+        self.data: list[tuple[int, bytes]] = []
+        self.snapshots_installed = 0
 
     @property
     def raft(self):
         return self.raw.raft
 
     def normal_data(self) -> list[bytes]:
-        return [e.data for e in self.applied if e.entry_type == pb.EntryNormal and e.data]
+        return [d for _, d in self.data]
+
+
+def encode_state(data: list[tuple[int, bytes]]) -> bytes:
+    return b"\x00".join(b"%d:%s" % (i, d) for i, d in data)
+
+
+def decode_state(blob: bytes) -> list[tuple[int, bytes]]:
+    out = []
+    for part in blob.split(b"\x00") if blob else []:
+        i, d = part.split(b":", 1)
+        out.append((int(i), d))
+    return out
 
 
 class Network:
@@ -65,6 +80,7 @@ class Network:
         self.dropped: dict[tuple[int, int], float] = {}
         self.ignored_types: set[int] = set()
         self.sent: list[pb.Message] = []  # every message handed to the network (for assertions)
+        self.report_snapshots = True
         for nid in ids:
             self.add_node(nid, voters=ids)
 
@@ -116,10 +132,15 @@ class Network:
     def send(self, msgs: list[pb.Message]) -> None:
         for m in msgs:
             self.sent.append(m)
-            if m.msg_type in self.ignored_types:
-                continue
-            p = self.dropped.get((getattr(m, "from"), m.to), 0.0)
+            frm = getattr(m, "from")
+            lost = m.msg_type in self.ignored_types
+            p = self.dropped.get((frm, m.to), 0.0)
             if p and (p >= 1.0 or self.rng.random() < p):
+                lost = True
+            if m.msg_type == pb.MsgSnapshot and self.report_snapshots and frm in self.nodes:
+                # The host tells raft how the snapshot transfer went (MsgSnapStatus).
+                self.nodes[frm].raw.report_snapshot(m.to, not lost)
+            if lost:
                 continue
             if self.serialize:
                 m = pb.Message.FromString(m.SerializeToString())
@@ -134,6 +155,8 @@ class Network:
         st = node.storage
         if rd.snapshot is not None:
             st.apply_snapshot(rd.snapshot)
+            node.data = decode_state(rd.snapshot.data)
+            node.snapshots_installed += 1
         if rd.entries:
             st.append(rd.entries)
         if rd.hard_state is not None:
@@ -142,6 +165,8 @@ class Network:
         self.send(rd.persisted_messages)
         for e in rd.committed_entries:
             node.applied.append(e)
+            if e.entry_type == pb.EntryNormal and e.data:
+                node.data.append((e.index, e.data))
             if e.entry_type == pb.EntryConfChangeV2:
                 cc = pb.ConfChangeV2.FromString(e.data)
                 cs = raw.apply_conf_change(cc)
@@ -194,6 +219,15 @@ class Network:
     def propose(self, nid: int, data: bytes) -> None:
         self.nodes[nid].raw.propose(data)
         self.settle()
+
+    def compact(self, nid: int, index: int | None = None) -> pb.Snapshot:
+        """The host of `nid` snapshots its applied state at `index` (default: applied) and compacts."""
+        node = self.nodes[nid]
+        index = index or node.raft.log.applied
+        cs = node.raft.prs.conf.to_conf_state()
+        snap = node.storage.create_snapshot(index, cs, encode_state([(i, d) for i, d in node.data if i <= index]))
+        node.storage.compact(index)
+        return snap
 
     # ---- queries ------------------------------------------------------------------
 
