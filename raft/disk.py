@@ -110,6 +110,8 @@ class DiskStorage:
     def _create_store(self) -> None:
         """Build raft-store/ under a temp name and rename it into place, so a
         crash during the first start leaves either nothing or a whole store."""
+        # Read the Rust files (if any) first: an unreadable one must leave nothing behind.
+        imported = migrate.read_rust_state(self.path, self.log) if migrate.has_rust_files(self.path) else None
         tmp = self.root + ".tmp"
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
@@ -118,9 +120,7 @@ class DiskStorage:
         hs, cs, applied = pb.HardState(), pb.ConfState(), pb.Snapshot()
         prev_index = prev_term = abort_height = 0
         extra: list[tuple[int, bytes]] = []
-        imported = None
-        if migrate.has_rust_files(self.path):
-            imported = migrate.read_rust_state(self.path, self.log)
+        if imported is not None:
             abort_height = imported.abort_height
             snap = imported.snapshot
             if snap is not None:
