@@ -52,20 +52,21 @@ def main() -> int:
     windows = [int(w) for w in args.windows.split(",")]
     orc = oracle_mod.build()
     dc = oracle_mod.import_drive_cluster()
-    table: dict[tuple[str, int], float] = {}
+    rates: dict[tuple[str, int], list[float]] = {}
     failed = False
-    for window in windows:
-        for name, layout in LAYOUTS.items():
-            rates = []
-            for _ in range(args.repeat):
+    # repeats are interleaved (every cell once, then again) so that load from
+    # elsewhere on the machine hits all cells alike
+    for _ in range(args.repeat):
+        for window in windows:
+            for name, layout in LAYOUTS.items():
                 res = run_one(dc, str(orc.raftnode), layout, args.proposals, window)
                 if not res["identical_on_all"] or res["errors"]:
                     failed = True
                     print(f"FAILED {name} window={window}: {res}", file=sys.stderr)
-                rates.append(res["proposals_per_s"])
+                rates.setdefault((name, window), []).append(res["proposals_per_s"])
                 if args.json:
                     print(json.dumps({"cluster": name, "layout": layout, **res}))
-            table[(name, window)] = statistics.median(rates)
+    table = {cell: statistics.median(r) for cell, r in rates.items()}
     width = max(map(len, LAYOUTS)) + 2
     print(f"\nproposals/s, 3 nodes, {args.proposals} proposals, median of {args.repeat} "
           f"(oracle router; node 1 leads; layout from node 1: P=Python E=etcd)")

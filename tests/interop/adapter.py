@@ -201,8 +201,9 @@ class AdapterNode:
                 self.compact(p)
             elif op == b"y":
                 self.handle_ready()
-                st = rn.status()
-                self.emit(b"K", b"%d %d %d" % (st.commit, self.applied, self.storage.last_index()))
+                # with no Ready pending, the persisted hard state holds the current commit
+                commit = self.storage.hard_state.commit
+                self.emit(b"K", b"%d %d %d" % (commit, self.applied, self.storage.last_index()))
             elif op == b"z":
                 return False
             else:
@@ -217,7 +218,8 @@ def serve(node: AdapterNode, fd_in: int = 0, fd_out: int = 1) -> None:
     buf = bytearray()
     running = True
     while running:
-        chunk = os.read(fd_in, 1 << 20)
+        # 64 KiB: a 1 MiB read buffer is an mmap + page faults on every frame batch
+        chunk = os.read(fd_in, 1 << 16)
         if not chunk:
             break
         buf += chunk
