@@ -320,6 +320,7 @@ class DiskStorage:
         ):
             latest = wal_snapshot
         last = base + len(entries)
+        adopted: pb.Snapshot | None = None
         if latest is not None:
             meta = latest.metadata
             f_index, f_term = meta.index, meta.term
@@ -350,6 +351,7 @@ class DiskStorage:
                     last,
                 )
                 entries, base, base_term = [], f_index, f_term
+                adopted = latest
                 cs = _copy(meta.conf_state)
                 hs.term = max(hs.term, f_term)
                 hs.commit = max(hs.commit, f_index)
@@ -398,6 +400,12 @@ class DiskStorage:
                 os.close(fd)
         size = os.path.getsize(path)
         self._writer = WalWriter(wal_dir, seq, size, self.segment_bytes, self.log, seg_prev[: len(segments)])
+        if adopted is not None:
+            # Write the install the crash interrupted, so that the WAL alone replays
+            # to this state and entries appended from now on follow it without a gap.
+            self._writer.add(Kind.SNAPSHOT, adopted.SerializeToString())
+            self._writer.add(Kind.HARDSTATE, hs.SerializeToString())
+            self._writer.sync()
         self.log.info(
             "disk: recovered %s: entries %d..%d, snapshot index=%d, term=%d vote=%d commit=%d applied=%d, %d segment(s)",
             self.root,
