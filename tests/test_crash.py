@@ -21,8 +21,6 @@ import signal
 import tempfile
 import time
 
-import pytest
-
 from raft.disk import DiskStorage
 from tests.crash_child import SEGMENT_BYTES, entry_data, run
 
