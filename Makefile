@@ -67,3 +67,16 @@ bench: setup
 .PHONY: chaos
 chaos: setup
 	$(PY) -m devnet.chaos --nodes 4 --minutes $(or $(MINUTES),5) $(if $(SEED),--seed $(SEED))
+
+# WAL/DiskStorage durability cost: durable appends at batch 1/16/256 vs the raw
+# os.fsync rate, and recovery time of 100,000 entries (prints figures)
+.PHONY: bench-wal
+bench-wal: setup
+	$(PY) scripts/bench_wal.py
+
+# long storage soak (not in CI): many SIGKILLs of a writing child and many
+# random DiskStorage/MemoryStorage sequences; ITERATIONS=n SEED=n
+.PHONY: soak-wal
+soak-wal: setup
+	CRASH_ITERATIONS=$(or $(ITERATIONS),5000) CRASH_SEED=$(or $(SEED),$(shell date +%s)) DISK_PROPERTY_SEEDS=500 \
+		$(PY) -m pytest -q tests/test_crash.py tests/test_disk.py
