@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -445,13 +446,17 @@ def test_replay_runs_the_flake_cli_check(replay, tree):
 
 
 def test_replay_test_suite_collects(replay, flake_args):
-    """The tests the Nix build runs import cleanly against the built package.
-    (Running them all again would double CI time; `make test` runs them.)"""
+    """The tests the Nix build runs (pytestCheckHook, then postCheck) import
+    cleanly against the built package. (Running them all again would double
+    CI time; `make test` runs them.)"""
     ignores = [f"--ignore={p}" for p in flake_args["disabledTestPaths"]]
-    proc = run([replay.bin("python"), "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                *flake_args["pytestFlags"], *ignores], cwd=replay.source, env=replay.env(), check=False,
-               timeout=300)
-    assert proc.returncode == 0, f"test collection failed in the replayed build:\n{proc.stdout[-4000:]}"
+    post_check = flake_args["postCheck"].strip()
+    assert post_check.startswith("python -m pytest "), f"unexpected postCheck: {post_check!r}"
+    for pytest_args in ([*flake_args["pytestFlags"], *ignores], shlex.split(post_check)[3:]):
+        proc = run([replay.bin("python"), "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                    *pytest_args], cwd=replay.source, env=replay.env(), check=False, timeout=300)
+        # rc 0: collected without errors, and not nothing (that is rc 5)
+        assert proc.returncode == 0, f"test collection failed in the replayed build:\n{proc.stdout[-4000:]}"
 
 
 HEALTH_SERVER = r'''

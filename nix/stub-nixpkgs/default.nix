@@ -56,6 +56,7 @@ let
     "postPatch"
     "preBuild"
     "preCheck"
+    "postCheck"
     "doCheck"
     "nativeCheckInputs"
     "disabledTestPaths"
@@ -86,6 +87,7 @@ let
         nativeCheckInputs = names (get "nativeCheckInputs");
         postPatch = args.postPatch or "";
         preBuild = args.preBuild or "";
+        postCheck = args.postCheck or "";
         doCheck = args.doCheck or true;
         disabledTestPaths = get "disabledTestPaths";
         disabledTests = get "disabledTests";
