@@ -80,3 +80,8 @@ bench-wal: setup
 soak-wal: setup
 	CRASH_ITERATIONS=$(or $(ITERATIONS),5000) CRASH_SEED=$(or $(SEED),$(shell date +%s)) DISK_PROPERTY_SEEDS=500 \
 		$(PY) -m pytest -q tests/test_crash.py tests/test_disk.py
+
+# raft core throughput on 3- and 5-node in-memory clusters (prints figures; WIRE=1 serializes messages)
+.PHONY: bench-raft
+bench-raft: setup
+	$(PY) scripts/bench_raft.py $(if $(WIRE),--wire)

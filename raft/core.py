@@ -267,11 +267,23 @@ class Raft:
             return False
         if pr.pending_request_snapshot != 0:
             return self._prepare_send_snapshot(to, pr)
-        try:
-            term = self.log.term(pr.next_idx - 1)
-            ents = self.log.entries(pr.next_idx, self.max_msg_size)
-        except Compacted:
-            return self._prepare_send_snapshot(to, pr)
+        lg = self.log
+        nxt = pr.next_idx
+        u = lg.unstable
+        if nxt > u.offset and nxt - 1 - u.offset < len(u.entries):
+            # Hot path: the previous entry and all new ones are in the unstable tail.
+            term = u.entries[nxt - 1 - u.offset].term
+            ms = self.max_msg_size
+            if ms == 0:
+                ents = u.entries[nxt - u.offset : nxt - u.offset + 1]
+            else:
+                ents = lg.slice(nxt, lg.last_index() + 1, ms) if nxt <= lg.last_index() else []
+        else:
+            try:
+                term = lg.term(nxt - 1)
+                ents = lg.entries(nxt, self.max_msg_size)
+            except Compacted:
+                return self._prepare_send_snapshot(to, pr)
         if not ents and not send_if_empty:
             return False
         if term == 0 and pr.next_idx - 1 != 0 and pr.next_idx - 1 < self.log.first_index():
@@ -326,10 +338,12 @@ class Raft:
         self._bcast_pending = False
         if self.state != StateRole.Leader:
             return
-        for pid in self.prs.progress:
+        last = self.log.last_index()
+        for pid, pr in self.prs.progress.items():
             if pid != self.id:
                 if self.maybe_send_append(pid, True):
-                    while self.maybe_send_append(pid, False):
+                    # Size-capped batches: keep sending while the window is open and entries remain.
+                    while pr.next_idx <= last and self.maybe_send_append(pid, False):
                         pass
 
     def send_heartbeat(self, to: int, pr: Progress) -> None:
@@ -699,8 +713,35 @@ class Raft:
         elif t == MsgTransferLeader:
             self._handle_transfer_leader(m, pr)
 
-    def _propose(self, m: pb.Message) -> None:
-        if not m.entries:
+    def propose_normal(self, data: bytes, context: bytes = b"") -> None:
+        """The leader's own normal proposal: the hot path of RawNode.propose, same rules as MsgPropose."""
+        if self.lead_transferee != INVALID_ID:
+            raise ProposalDropped(f"leader transfer to {self.lead_transferee} in progress")
+        if self.id not in self.prs.progress:
+            raise ProposalDropped("this node is not in the configuration")
+        lg = self.log
+        u = lg.unstable
+        if u.entries:
+            index = u.offset + len(u.entries)
+            if context:
+                u.entries.append(pb.Entry(data=data, context=context, term=self.term, index=index))
+            else:
+                u.entries.append(pb.Entry(data=data, term=self.term, index=index))
+        else:
+            index = lg.last_index() + 1
+            lg.append([pb.Entry(data=data, context=context, term=self.term, index=index)])
+        self._bcast_pending = True
+
+    def propose_entries(self, ents: list[pb.Entry]) -> None:
+        """The leader's own proposal (RawNode fast path, same rules as MsgPropose)."""
+        if self.state != StateRole.Leader:
+            raise ProposalDropped("not leader")
+        self._propose(None, ents)
+
+    def _propose(self, m: pb.Message | None, ents: list[pb.Entry] | None = None) -> None:
+        if ents is None:
+            ents = list(m.entries)
+        if not ents:
             raise RaftError("stepped empty MsgPropose")
         if self.id not in self.prs.progress:
             # Removed from the config (thesis §4.2.2): do not accept proposals.
@@ -708,7 +749,6 @@ class Raft:
         if self.lead_transferee != INVALID_ID:
             self._debug("proposal dropped, leader transfer in progress", transferee=self.lead_transferee)
             raise ProposalDropped(f"leader transfer to {self.lead_transferee} in progress")
-        ents = list(m.entries)
         for i, e in enumerate(ents):
             if e.entry_type == pb.EntryConfChange:
                 raise ProposalDropped("ConfChange v1 is not supported, use ConfChangeV2")

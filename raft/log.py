@@ -110,41 +110,31 @@ class RaftLog:
         return self.storage.first_index()
 
     def last_index(self) -> int:
+        # Invariant: unstable.offset is one past the last persisted entry (or the pending
+        # snapshot), so the last index never needs the storage.
         u = self.unstable
-        if u.entries:
-            return u.offset + len(u.entries) - 1
-        if u.snapshot is not None:
-            return u.snapshot.metadata.index
-        return self.storage.last_index()
+        return u.offset + len(u.entries) - 1
 
     def term(self, index: int) -> int:
-        """Term of the entry at `index`; 0 outside [first_index-1, last_index]; Compacted if storage says so."""
+        """Term of the entry at `index`; 0 when it is unknown (compacted below the snapshot, or beyond the log)."""
         u = self.unstable
-        if index >= u.offset:
-            i = index - u.offset
-            if i < len(u.entries):
-                return u.entries[i].term
-            return 0
-        if u.snapshot is not None:
-            if index == u.snapshot.metadata.index:
-                return u.snapshot.metadata.term
-            if index < u.snapshot.metadata.index:
-                return 0
-        if index < self.first_index() - 1:
-            return 0
+        off = u.offset
+        if index >= off:
+            i = index - off
+            return u.entries[i].term if i < len(u.entries) else 0
+        snap = u.snapshot
+        if snap is not None:
+            return snap.metadata.term if index == snap.metadata.index else 0
         try:
             return self.storage.term(index)
-        except Unavailable:
+        except (Compacted, Unavailable):
             return 0
 
     def last_term(self) -> int:
         return self.term(self.last_index())
 
     def match_term(self, index: int, term: int) -> bool:
-        try:
-            return self.term(index) == term
-        except Compacted:
-            return False
+        return self.term(index) == term
 
     def is_up_to_date(self, last_index: int, term: int) -> bool:
         """Raft paper §5.4.1: a candidate's log is at least as up to date as ours."""
@@ -153,10 +143,7 @@ class RaftLog:
 
     def commit_info(self) -> tuple[int, int]:
         """(committed, term of committed) as raft-rs puts on vote messages."""
-        try:
-            return self.committed, self.term(self.committed)
-        except Compacted:
-            return self.committed, 0
+        return self.committed, self.term(self.committed)
 
     # ---- appending ----------------------------------------------------------------
 
@@ -171,11 +158,11 @@ class RaftLog:
         """Largest index <= `index` whose term is <= `term` (raft-rs fast back-off, thesis §3.5 opt.)."""
         if index > self.last_index():
             return index, None
+        first = self.first_index()
         while True:
-            try:
-                t = self.term(index)
-            except Compacted:
-                return index, None
+            if index < first - 1:
+                return index, None  # compacted: the term is unknown
+            t = self.term(index)
             if t > term:
                 index -= 1
             else:
@@ -252,7 +239,10 @@ class RaftLog:
         return self.slice(lo, hi, max_size)
 
     def has_next_entries(self) -> bool:
-        return min(self.committed, self.persisted) + 1 > max(self.applying + 1, self.first_index())
+        hi = min(self.committed, self.persisted)
+        if hi <= self.applying:
+            return False
+        return hi + 1 > self.first_index()
 
     def snapshot(self, request_index: int, to: int) -> pb.Snapshot:
         if self.unstable.snapshot is not None and self.unstable.snapshot.metadata.index >= request_index:

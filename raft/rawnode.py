@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cita_raft_pb import eraftpb_pb2 as pb
 
@@ -51,17 +51,38 @@ class SoftState:
     role: StateRole
 
 
-@dataclass
 class Ready:
-    number: int = 0
-    soft_state: SoftState | None = None
-    hard_state: pb.HardState | None = None
-    entries: list[pb.Entry] = field(default_factory=list)
-    snapshot: pb.Snapshot | None = None
-    messages: list[pb.Message] = field(default_factory=list)
-    persisted_messages: list[pb.Message] = field(default_factory=list)
-    committed_entries: list[pb.Entry] = field(default_factory=list)
-    must_sync: bool = False
+    """One batch of work for the host (raft-rs field meanings, see docs/internals.md)."""
+
+    __slots__ = (
+        "number",
+        "soft_state",
+        "hard_state",
+        "entries",
+        "snapshot",
+        "messages",
+        "persisted_messages",
+        "committed_entries",
+        "must_sync",
+    )
+
+    def __init__(self, number: int = 0) -> None:
+        self.number = number
+        self.soft_state: SoftState | None = None
+        self.hard_state: pb.HardState | None = None
+        self.entries: list[pb.Entry] = []
+        self.snapshot: pb.Snapshot | None = None
+        self.messages: list[pb.Message] = []
+        self.persisted_messages: list[pb.Message] = []
+        self.committed_entries: list[pb.Entry] = []
+        self.must_sync = False
+
+    def __repr__(self) -> str:
+        return (
+            f"Ready(number={self.number} soft_state={self.soft_state} hard_state={self.hard_state is not None} "
+            f"entries={len(self.entries)} snapshot={self.snapshot is not None} messages={len(self.messages)} "
+            f"persisted_messages={len(self.persisted_messages)} committed_entries={len(self.committed_entries)})"
+        )
 
 
 @dataclass
@@ -89,8 +110,10 @@ class RawNode:
         logger: logging.Logger | None = None,
     ) -> None:
         self.raft = Raft(config, storage, rng, logger)
-        self._prev_ss = self._soft_state()
-        self._prev_hs = self.raft.hard_state()
+        r = self.raft
+        # What the host last got: (leader_id, role) and (term, vote, commit).
+        self._prev_ss_key = (r.leader_id, r.state)
+        self._prev_hs_key = (r.term, r.vote, r.log.committed)
         self._number = 0
         self._outstanding: Ready | None = None
 
@@ -106,9 +129,14 @@ class RawNode:
 
     def propose(self, data: bytes, context: bytes = b"") -> None:
         """Propose a normal entry; raises ProposalDropped when it cannot be appended."""
+        r = self.raft
+        if r.state == StateRole.Leader:
+            # Fast path (the hot one): no MsgPropose object for our own proposals.
+            r.propose_normal(data, context)
+            return
         m = pb.Message(msg_type=MsgPropose, entries=[pb.Entry(data=data, context=context)])
-        setattr(m, "from", self.raft.id)
-        self.raft.step(m)
+        setattr(m, "from", r.id)
+        r.step(m)
 
     def propose_many(self, items: list[bytes]) -> None:
         """Propose several normal entries as one batch (one append per follower)."""
@@ -170,32 +198,36 @@ class RawNode:
 
     def has_ready(self) -> bool:
         r = self.raft
-        r.flush_appends()
-        if r.msgs or r.log.unstable.entries or r.log.unstable.snapshot is not None:
+        if r._bcast_pending:
+            r.flush_appends()
+        lg = r.log
+        u = lg.unstable
+        if r.msgs or u.entries or u.snapshot is not None:
             return True
-        if self._soft_state() != self._prev_ss:
+        if (r.leader_id, r.state) != self._prev_ss_key:
             return True
-        hs = self._prev_hs
-        if r.term != hs.term or r.vote != hs.vote or r.log.committed != hs.commit:
+        if (r.term, r.vote, lg.committed) != self._prev_hs_key:
             return True
-        return r.log.has_next_entries()
+        return lg.has_next_entries()
 
     def ready(self) -> Ready:
         if self._outstanding is not None:
             raise RaftError("ready() called again before advance() of the previous Ready")
         r = self.raft
-        r.flush_appends()
+        if r._bcast_pending:
+            r.flush_appends()
         self._number += 1
-        rd = Ready(number=self._number)
-        ss = self._soft_state()
-        if ss != self._prev_ss:
-            rd.soft_state = ss
-        hs = self._prev_hs
-        if r.term != hs.term or r.vote != hs.vote or r.log.committed != hs.commit:
-            rd.hard_state = r.hard_state()
-            if r.term != hs.term or r.vote != hs.vote:
+        rd = Ready(self._number)
+        lg = r.log
+        if (r.leader_id, r.state) != self._prev_ss_key:
+            rd.soft_state = self._soft_state()
+        hs_key = (r.term, r.vote, lg.committed)
+        prev = self._prev_hs_key
+        if hs_key != prev:
+            rd.hard_state = pb.HardState(term=hs_key[0], vote=hs_key[1], commit=hs_key[2])
+            if hs_key[0] != prev[0] or hs_key[1] != prev[1]:
                 rd.must_sync = True
-        u = r.log.unstable
+        u = lg.unstable
         if u.snapshot is not None:
             rd.snapshot = u.snapshot
             rd.must_sync = True
@@ -208,7 +240,8 @@ class RawNode:
             for m in r.msgs:
                 (imm if m.msg_type in _IMMEDIATE else per).append(m)
             r.msgs = []
-        rd.committed_entries = r.log.next_entries(r.max_committed_size)
+        if min(lg.committed, lg.persisted) > lg.applying:
+            rd.committed_entries = lg.next_entries(r.max_committed_size)
         self._outstanding = rd
         return rd
 
@@ -219,9 +252,10 @@ class RawNode:
         self._outstanding = None
         r = self.raft
         if rd.soft_state is not None:
-            self._prev_ss = rd.soft_state
+            self._prev_ss_key = (rd.soft_state.leader_id, rd.soft_state.role)
         if rd.hard_state is not None:
-            self._prev_hs = rd.hard_state
+            hs = rd.hard_state
+            self._prev_hs_key = (hs.term, hs.vote, hs.commit)
         if rd.snapshot is not None:
             r.on_persist_snap(rd.snapshot.metadata.index)
         if rd.entries:
