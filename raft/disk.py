@@ -592,7 +592,12 @@ class DiskStorage:
         service's ConsensusConfiguration bytes at that point); durable with the next sync()."""
         self._writer.check()
         if index < self._applied.metadata.index:
-            raise StorageError(f"applied index going backwards: {index} < {self._applied.metadata.index}")
+            # The applier may finish an entry after a newer snapshot was installed
+            # (apply_snapshot moved applied past it): the snapshot's state wins.
+            self.log.debug(
+                "disk: set_applied(%d) ignored, applied=%d already", index, self._applied.metadata.index
+            )
+            return
         if conf_state is not None:
             self._conf_state = _copy(conf_state)
         self._applied.metadata.index = index
