@@ -25,11 +25,15 @@ HEARTBEAT_TICK = int(os.environ.get("DEVNET_HEARTBEAT_TICK", "2"))
 ELECTION_TICK = int(os.environ.get("DEVNET_ELECTION_TICK", "10"))
 # Generous bounds on every wait (a loaded 2-core machine), never a timing assertion.
 WAIT = float(os.environ.get("DEVNET_WAIT_S", "40"))
+# DEVNET_CONSENSUS=stub runs the scenarios against devnet.stub_consensus (no Raft):
+# a check that they do fail on a consensus that cannot survive faults.
+CONSENSUS = os.environ.get("DEVNET_CONSENSUS", "real")
 
 
 def make_devnet(path, nodes: int, validators: int | None = None, block_interval: int = 1, seed: int = 1) -> Devnet:
     dn = Devnet.create(str(path), nodes=nodes, validators=validators, block_interval=block_interval,
-                       tick_ms=TICK_MS, heartbeat_tick=HEARTBEAT_TICK, election_tick=ELECTION_TICK, seed=seed)
+                       tick_ms=TICK_MS, heartbeat_tick=HEARTBEAT_TICK, election_tick=ELECTION_TICK, seed=seed,
+                       consensus=CONSENSUS)
     dn.up(wait_serving=WAIT)
     return dn
 
