@@ -85,3 +85,13 @@ soak-wal: setup
 .PHONY: bench-raft
 bench-raft: setup
 	$(PY) scripts/bench_raft.py $(if $(WIRE),--wire)
+
+# packaging checks alone (Nix files against the stub nixpkgs, pip replay, probe,
+# Dockerfile lint; also part of `make test`); `make image` needs a Docker engine
+.PHONY: packaging image
+packaging: setup
+	$(PY) -m pytest -q tests/test_packaging.py
+
+image:
+	docker build --build-arg GIT_HASH=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown) \
+		-t $(or $(IMAGE),citacloud/consensus_raft:py) .
