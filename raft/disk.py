@@ -36,6 +36,7 @@ from raft import migrate
 from raft.errors import (
     Compacted,
     CorruptLog,
+    DiskFailure,
     SnapshotTemporarilyUnavailable,
     StorageError,
     Unavailable,
@@ -511,7 +512,7 @@ class DiskStorage:
             raise StorageError(
                 f"snapshot index {meta.index} older than current {self._snapshot.metadata.index}"
             )
-        self._snaps.save(snap)
+        self._save_snapshot(snap)
         self._writer.add(Kind.SNAPSHOT, snap.SerializeToString())
         self._snapshot = _copy(snap)
         self._entries, self._base, self._base_term = [], meta.index, meta.term
@@ -536,10 +537,21 @@ class DiskStorage:
         snap.metadata.term = self.term(index)
         if conf_state is not None:
             snap.metadata.conf_state.CopyFrom(conf_state)
-        self._snaps.save(snap)
+        # The applied record that justifies this snapshot goes to disk first, so a
+        # restart never finds a snapshot newer than its applied index.
+        self._writer.sync()
+        self._save_snapshot(snap)
         self._snapshot = snap
         self._delete_covered_segments()
         return _copy(snap)
+
+    def _save_snapshot(self, snap: pb.Snapshot) -> None:
+        try:
+            self._snaps.save(snap)
+        except DiskFailure as err:
+            self._writer.failed = err  # fail closed, as for a WAL write
+            self.log.error("disk: %s", err)
+            raise
 
     def _delete_covered_segments(self) -> None:
         # Keep what the *older* kept snapshot needs, so that if the newest file is

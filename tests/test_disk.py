@@ -281,6 +281,22 @@ def test_disk_failure_stops_writes_but_not_reads(store, monkeypatch, code):
     assert store.term(3) == 1
 
 
+def test_failed_snapshot_save_also_stops_writes(store, monkeypatch):
+    store.append(ents(1, 5, 1))
+    real_replace = os.replace
+
+    def fail(a, b):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(DiskFailure):
+        store.create_snapshot(3, None, b"s")
+    monkeypatch.setattr(os, "replace", real_replace)
+    with pytest.raises(DiskFailure):
+        store.append(ents(6, 6, 1))
+    assert store.snapshot(0, 0).metadata.index == 0
+
+
 def test_one_writer_per_directory(store):
     with pytest.raises(StorageError, match="in use"):
         DiskStorage.open(store.path, logger=LOG)
