@@ -32,10 +32,12 @@
           default = {
             type = "app";
             program = lib.getExe self.packages.${system}.default;
+            meta.description = "the consensus service (consensus run -c config.toml --stdout)";
           };
           grpc-health-probe = {
             type = "app";
             program = "${self.packages.${system}.default}/bin/grpc-health-probe";
+            meta.description = "gRPC health probe with grpc-ecosystem's flags and exit codes";
           };
         }
       );
