@@ -1,0 +1,138 @@
+"""The fault injector: decides, from the run's RNG, what goes wrong and when.
+
+Network shapes (isolation, bipartitions, bridges, one-way cuts, random link
+sets, a leader that can hear but not speak), loss/duplication rates, stale
+redelivery, crashes between steps and at any boundary inside the host's Ready
+loop, restarts, pauses and slow voters (high link latency plus a slow disk
+that defers Readies). It mutates the network and the nodes; it checks nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .host import SimNode
+    from .runner import Simulation
+
+
+class FaultInjector:
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self.enabled = True
+        self.restart_at: dict[int, int] = {}
+        self.counts: dict[str, int] = {}
+
+    def _count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    # ---- hooks from the host -------------------------------------------------------
+
+    def crash_at_boundary(self, node: SimNode, stage: str) -> bool:
+        p = self.sim.params
+        if self.enabled and self.sim.rng.random() < p.boundary_crash_rate:
+            self._count("crash@" + stage)
+            return True
+        return False
+
+    def on_crash(self, node: SimNode) -> None:
+        rng = self.sim.rng
+        down = rng.choice([1, 5, 20, 60, 150]) * rng.randint(1, 3)
+        self.restart_at[node.id] = self.sim.now + down
+
+    # ---- per step ------------------------------------------------------------------
+
+    def before_step(self) -> None:
+        sim, rng, p = self.sim, self.sim.rng, self.sim.params
+        if rng.random() < p.reshape_rate:
+            self.reshape_network()
+        if rng.random() < p.crash_rate:
+            live = sim.live_nodes()
+            if live:
+                self._count("crash between steps")
+                rng.choice(live).crash("between steps")
+        for nid in sorted(self.restart_at):
+            if sim.now >= self.restart_at[nid]:
+                del self.restart_at[nid]
+                node = sim.nodes[nid]
+                if not node.alive and not node.decommissioned:
+                    self._count("restart")
+                    node.start()
+        if rng.random() < p.pause_rate:
+            live = sim.live_nodes()
+            if live:
+                node = rng.choice(live)
+                node.paused_until = sim.now + rng.randint(4, 25) * p.tick_every
+                self._count("pause")
+                sim.trace("pause", node.id, f"until step {node.paused_until}")
+        if rng.random() < p.slow_rate:
+            self.toggle_slow_voter()
+        if rng.random() < p.rate_change:
+            net = sim.net
+            net.drop_rate = rng.choice([0.0, 0.0, 0.02, 0.05, 0.15, 0.3]) * p.intensity
+            net.dup_rate = rng.choice([0.0, 0.02, 0.1])
+            net.max_latency = rng.choice([1, 2, 4, 8, 20])
+            sim.trace("net", 0, f"drop={net.drop_rate:.2f} dup={net.dup_rate} max_latency={net.max_latency}")
+
+    def toggle_slow_voter(self) -> None:
+        sim, rng = self.sim, self.sim.rng
+        candidates = [n for n in sim.nodes.values() if not n.decommissioned]
+        if not candidates:
+            return
+        node = rng.choice(candidates)
+        if node.id in sim.net.slow or node.io_delay:
+            sim.net.slow.pop(node.id, None)
+            node.io_delay = 0.0
+            sim.trace("slow", node.id, "back to normal")
+        else:
+            sim.net.slow[node.id] = rng.choice([4, 10, 30, 60])
+            node.io_delay = rng.choice([0.0, 0.5, 0.9])
+            self._count("slow voter")
+            sim.trace("slow", node.id, f"extra latency={sim.net.slow[node.id]} io_delay={node.io_delay}")
+
+    def reshape_network(self) -> None:
+        """Replace the set of cut links by a new partition shape."""
+        sim, rng = self.sim, self.sim.rng
+        ids = sorted(n.id for n in sim.nodes.values() if not n.decommissioned)
+        blocked: set[tuple[int, int]] = set()
+        shape = rng.choice(
+            ["heal", "heal", "isolate", "bipartition", "bridge", "oneway_out", "oneway_in", "random_links",
+             "leader_mute", "leader_deaf", "isolate_leader"]
+        )
+        leader = sim.leader()
+        if shape == "isolate" or (shape in ("isolate_leader", "leader_mute", "leader_deaf") and leader is None):
+            x = rng.choice(ids)
+            blocked = {(x, y) for y in ids if y != x} | {(y, x) for y in ids if y != x}
+        elif shape == "isolate_leader":
+            x = leader.id
+            blocked = {(x, y) for y in ids if y != x} | {(y, x) for y in ids if y != x}
+        elif shape == "leader_mute":
+            blocked = {(leader.id, y) for y in ids if y != leader.id}
+        elif shape == "leader_deaf":
+            blocked = {(y, leader.id) for y in ids if y != leader.id}
+        elif shape == "bipartition":
+            order = ids[:]
+            rng.shuffle(order)
+            k = rng.randint(1, len(order) - 1)
+            a, b = order[:k], order[k:]
+            blocked = {(x, y) for x in a for y in b} | {(y, x) for x in a for y in b}
+        elif shape == "bridge" and len(ids) >= 3:
+            order = ids[:]
+            rng.shuffle(order)
+            bridge, rest = order[0], order[1:]
+            k = rng.randint(1, len(rest) - 1)
+            a, b = rest[:k], rest[k:]
+            blocked = {(x, y) for x in a for y in b} | {(y, x) for x in a for y in b}
+            shape = f"bridge via {bridge}"
+        elif shape == "oneway_out":
+            x = rng.choice(ids)
+            blocked = {(x, y) for y in ids if y != x and rng.random() < 0.7}
+        elif shape == "oneway_in":
+            x = rng.choice(ids)
+            blocked = {(y, x) for y in ids if y != x and rng.random() < 0.7}
+        elif shape == "random_links":
+            q = rng.choice([0.2, 0.4, 0.6])
+            blocked = {(x, y) for x in ids for y in ids if x != y and rng.random() < q}
+        sim.net.blocked = blocked
+        self._count("net " + shape.split()[0])
+        sim.trace("partition", 0, f"{shape}: {len(blocked)} directed links cut")

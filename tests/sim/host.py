@@ -1,0 +1,412 @@
+"""One simulated node: the host loop around a RawNode, as consensus.py runs it.
+
+Per Ready (docs/internals.md, "Peer loop"): send `messages`; write snapshot /
+entries / hard state; `sync()`; send `persisted_messages`; hand committed
+entries to the applier; `advance()`. The applier may run at once or later
+(`advance_apply_to`). Between every two of these steps the fault injector may
+crash the node, which loses the RawNode, the applier queue, unsent messages
+and every write after the last sync. The host also snapshots and compacts.
+
+The host reports what it sees to the checker; it never judges Raft itself
+beyond the host-side contracts (consecutive hand-out, apply order).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import TYPE_CHECKING, Any
+
+from cita_raft_pb import eraftpb_pb2 as pb
+from raft.errors import RaftError
+
+from .checkers import (
+    BOOT_DIGEST,
+    BOOT_INDEX,
+    BOOT_TERM,
+    InvariantViolation,
+    chain_digest,
+    decode_snapshot_data,
+    encode_snapshot_data,
+)
+
+if TYPE_CHECKING:
+    from .runner import Simulation
+
+
+class NodeCrashed(Exception):
+    """Raised at a step boundary chosen by the fault injector."""
+
+
+def bootstrap_snapshot(voters: list[int]) -> pb.Snapshot:
+    """The service's synthetic first snapshot: index 5, term 5, the initial voters."""
+    snap = pb.Snapshot(data=encode_snapshot_data(BOOT_INDEX, BOOT_DIGEST))
+    snap.metadata.index = BOOT_INDEX
+    snap.metadata.term = BOOT_TERM
+    snap.metadata.conf_state.voters.extend(voters)
+    return snap
+
+
+def _copy(msg: Any) -> Any:
+    c = type(msg)()
+    c.CopyFrom(msg)
+    return c
+
+
+class SimNode:
+    """A node id with its storage backend, across crashes and restarts."""
+
+    def __init__(self, sim: Simulation, node_id: int, backend: Any, voters: list[int] | None) -> None:
+        self.sim = sim
+        self.id = node_id
+        self.backend = backend
+        self.raw: Any = None
+        self.alive = False
+        self.decommissioned = False
+        self.ever_member = voters is not None
+        self.paused_until = 0
+        self.io_delay = 0.0  # chance that a pending Ready waits for a later step (slow disk)
+        self.tick_phase = sim.rng.randrange(sim.params.tick_every)
+        self.incarnation = 0
+        self.role_term: tuple[int, int] = (0, 0)
+        if voters is not None:
+            snap = bootstrap_snapshot(voters)
+            st = backend.storage
+            st.apply_snapshot(snap)
+            backend.record_applied(BOOT_INDEX, snap.metadata.conf_state, BOOT_DIGEST)
+            st.sync()
+        self.start()
+
+    # ---- life cycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        from raft import Config, RawNode
+
+        p = self.sim.params
+        storage = self.backend.restart()
+        state = storage.initial_state()
+        rec = self.backend.durable_applied()
+        self.applied = rec.index if rec else 0
+        self.digest: bytes | None = rec.digest if rec else None
+        self.conf_state = _copy(rec.conf_state) if rec else _copy(state.conf_state)
+        if self.digest is not None:
+            self.sim.checker.on_applied(self.id, self.applied, self.digest)
+        self.handed = self.applied
+        self.reported_applied = self.applied
+        self.recorded_applied = self.applied
+        self.durable_applied = self.applied
+        self.apply_queue: list[pb.Entry] = []
+        self.snapshot_reports: list[tuple[int, bool]] = []
+        self.durable_hs = _copy(state.hard_state)
+        self.durable_last = storage.last_index()
+        self.written_hs = _copy(self.durable_hs)
+        self.written_last = self.durable_last
+        self.sim.checker.on_vote(self.id, self.durable_hs.term, self.durable_hs.vote, "durable at restart")
+        cfg = Config(
+            id=self.id,
+            election_tick=p.election_tick,
+            heartbeat_tick=p.heartbeat_tick,
+            applied=self.applied,
+            max_size_per_msg=p.max_size_per_msg,
+            max_inflight_msgs=p.max_inflight_msgs,
+            check_quorum=p.check_quorum,
+            pre_vote=p.pre_vote,
+        )
+        logger = logging.getLogger(f"sim.node{self.id}")
+        self.raw = RawNode(cfg, storage, rng=random.Random(self.sim.rng.getrandbits(64)), logger=logger)
+        self.alive = True
+        self.incarnation += 1
+        self.role_term = (0, 0)
+        self.sim.trace("start", self.id, f"incarnation={self.incarnation} applied={self.applied} "
+                       f"term={self.durable_hs.term} vote={self.durable_hs.vote} last={self.durable_last}")
+
+    def crash(self, where: str) -> None:
+        self.sim.trace("crash", self.id, where)
+        self.raw = None
+        self.alive = False
+        self.apply_queue = []
+        self.backend.crash()
+        self.sim.faults.on_crash(self)
+
+    def decommission(self) -> None:
+        self.sim.trace("decommission", self.id, "removed from the configuration")
+        if self.alive:
+            self.raw = None
+            self.alive = False
+            self.backend.crash()
+        self.decommissioned = True
+
+    def paused(self) -> bool:
+        return self.sim.now < self.paused_until
+
+    # ---- inputs --------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        """Run one core input; RaftErrors are answers, anything else is a core failure."""
+        try:
+            return fn(*args)
+        except RaftError as e:
+            self.sim.trace("refused", self.id, f"{what}: {type(e).__name__}: {e}")
+            return e
+
+    def tick(self) -> None:
+        self._call("tick", self.raw.tick)
+        self.process()
+
+    def step(self, m: pb.Message) -> None:
+        self._call(f"step {pb.MessageType.Name(m.msg_type)} from {m.__getattribute__('from')}", self.raw.step, m)
+        self.process()
+
+    def propose(self, data: bytes) -> bool:
+        r = self._call("propose", self.raw.propose, data)
+        self.process()
+        return not isinstance(r, RaftError)
+
+    def propose_conf_change(self, cc: pb.ConfChangeV2) -> bool:
+        r = self._call("propose_conf_change", self.raw.propose_conf_change, cc)
+        self.process()
+        return not isinstance(r, RaftError)
+
+    def transfer_leader(self, target: int) -> None:
+        self._call("transfer_leader", self.raw.transfer_leader, target)
+        self.process()
+
+    def campaign(self) -> None:
+        self._call("campaign", self.raw.campaign)
+        self.process()
+
+    def report_unreachable(self, to: int) -> None:
+        self._call("report_unreachable", self.raw.report_unreachable, to)
+        self.process()
+
+    # ---- the Ready loop ------------------------------------------------------------
+
+    def _boundary(self, stage: str) -> None:
+        if self.sim.faults.crash_at_boundary(self, stage):
+            raise NodeCrashed(stage)
+
+    def process(self, force: bool = False) -> None:
+        """Handle Readies until none is pending (or the slow disk defers one)."""
+        if not self.alive:
+            return
+        try:
+            for _ in range(50):
+                if not self.raw.has_ready():
+                    break
+                if not force and self.io_delay and self.sim.rng.random() < self.io_delay:
+                    self.sim.deferred.add(self.id)
+                    return
+                self._handle_ready()
+                if not self.alive:
+                    return
+                self._flush_snapshot_reports()
+            else:
+                raise InvariantViolation(f"node {self.id} still has a Ready after 50 rounds without new input")
+            self._after_ready()
+        except NodeCrashed as e:
+            self.crash(f"at boundary '{e}'")
+
+    def _handle_ready(self) -> None:
+        sim = self.sim
+        raw = self.raw
+        rd = raw.ready()
+        self._boundary("ready taken")
+        if rd.soft_state is not None:
+            role = rd.soft_state.role
+            if role.name == "Leader":
+                term = rd.hard_state.term if rd.hard_state is not None else raw.status().term
+                sim.checker.on_leader(self.id, term)
+                self.role_term = (1, term)
+                sim.trace("leader", self.id, f"term={term}")
+            else:
+                self.role_term = (0, 0)
+        # 1. messages that may leave before persisting (the leader's appends)
+        self._send_all(rd.messages)
+        self._boundary("messages sent")
+        # 2. persist
+        st = self.backend.storage
+        snap = rd.snapshot
+        if snap is not None and snap.metadata.index > 0:
+            self._install_snapshot(st, snap)
+        if rd.entries:
+            st.append(list(rd.entries))
+            for e in rd.entries:
+                prev = BOOT_TERM if e.index - 1 == BOOT_INDEX else self._term_or_none(st, e.index - 1)
+                if prev is not None:
+                    sim.checker.on_log_entry(self.id, e, prev)
+            self.written_last = rd.entries[-1].index
+        if rd.hard_state is not None:
+            st.set_hardstate(rd.hard_state)
+            self.written_hs = _copy(rd.hard_state)
+        self._boundary("written, not synced")
+        self._sync()
+        self.durable_hs = _copy(self.written_hs)
+        self.durable_last = self.written_last
+        sim.checker.on_vote(self.id, self.durable_hs.term, self.durable_hs.vote, "persisted hard state")
+        self._boundary("synced")
+        # 3. messages that needed the persisted state
+        self._send_all(rd.persisted_messages)
+        self._boundary("persisted messages sent")
+        # 4. hand committed entries to the applier
+        if rd.committed_entries:
+            term = raw.status().term
+            for e in rd.committed_entries:
+                self._hand_out(e, term)
+        self._boundary("committed entries handed out")
+        # 5. advance
+        raw.advance(rd)
+        self._boundary("advanced")
+        if self.apply_queue and sim.rng.random() >= sim.params.apply_defer:
+            self.apply_pending()
+
+    @staticmethod
+    def _term_or_none(st: Any, index: int) -> int | None:
+        try:
+            return st.term(index)
+        except RaftError:
+            return None
+
+    def _after_ready(self) -> None:
+        """Checks that need the whole Ready persisted: leader completeness."""
+        if self.role_term[0]:
+            term = self.role_term[1]
+            st = self.backend.storage
+            self.sim.checker.check_leader_completeness(self.id, term, lambda i: self._term_or_none(st, i))
+
+    def _flush_snapshot_reports(self) -> None:
+        # Like the service's sender: the transport's local verdict on a MsgSnapshot,
+        # reported once the Ready is done. A snapshot lost later in the network is
+        # recovered by the leader's probe (its append gets rejected, so it resends).
+        reports, self.snapshot_reports = self.snapshot_reports, []
+        for to, ok in reports:
+            self._call("report_snapshot", self.raw.report_snapshot, to, ok)
+
+    def _send_all(self, msgs: list[pb.Message]) -> None:
+        sim = self.sim
+        for m in msgs:
+            if m.msg_type == pb.MsgSnapshot:
+                target = sim.nodes.get(m.to)
+                ok = target is not None and target.alive and not sim.net.is_cut(self.id, m.to)
+                self.snapshot_reports.append((m.to, ok))
+            # A follower forwards a client's MsgPropose with the proposer's id (raft-rs does too).
+            if getattr(m, "from") != self.id and m.msg_type != pb.MsgPropose:
+                raise InvariantViolation(f"node {self.id} emitted a message with from={getattr(m, 'from')}")
+            sim.checker.on_send(self.id, m, self.durable_hs, self.durable_last)
+            sim.send(self.id, m)
+
+    def _install_snapshot(self, st: Any, snap: pb.Snapshot) -> None:
+        meta = snap.metadata
+        self.sim.checker.on_snapshot_restored(self.id, snap)
+        if meta.index <= self.applied:
+            raise InvariantViolation(
+                f"node {self.id} was handed snapshot index={meta.index} at or below its applied index={self.applied}"
+            )
+        st.apply_snapshot(snap)
+        _, digest = decode_snapshot_data(snap.data)
+        self.apply_queue = [e for e in self.apply_queue if e.index > meta.index]
+        if self.apply_queue:
+            raise InvariantViolation(f"node {self.id} has committed entries above a newer snapshot index={meta.index}")
+        self.applied = meta.index
+        self.handed = max(self.handed, meta.index)
+        self.digest = digest
+        self.conf_state = _copy(meta.conf_state)
+        self.written_last = meta.index
+        if self.written_hs.commit < meta.index:
+            self.written_hs.commit = meta.index
+        self.written_hs.term = max(self.written_hs.term, meta.term)
+        self.backend.record_applied(meta.index, meta.conf_state, digest)
+        self.recorded_applied = meta.index
+        self.sim.trace("snapshot", self.id, f"installed index={meta.index} term={meta.term}")
+
+    # ---- apply ---------------------------------------------------------------------
+
+    def _hand_out(self, e: pb.Entry, term: int) -> None:
+        if e.index != self.handed + 1:
+            what = "twice" if e.index <= self.handed else "with a gap"
+            raise InvariantViolation(
+                f"node {self.id} handed out committed index={e.index} {what} (last handed {self.handed})"
+            )
+        self.handed = e.index
+        self.sim.checker.on_committed(self.id, e, term)
+        self.apply_queue.append(_copy(e))
+
+    def apply_pending(self, limit: int | None = None) -> None:
+        if not self.alive or not self.apply_queue:
+            return
+        batch = self.apply_queue if limit is None else self.apply_queue[:limit]
+        self.apply_queue = self.apply_queue[len(batch):]
+        for e in batch:
+            self._apply(e)
+        if self.applied > self.reported_applied:
+            self.reported_applied = self.applied
+            self._call("advance_apply_to", self.raw.advance_apply_to, self.applied)
+        self.maybe_compact()
+        self.process()
+
+    def _apply(self, e: pb.Entry) -> None:
+        if e.index != self.applied + 1:
+            raise InvariantViolation(f"node {self.id} applies index={e.index} after applied={self.applied}")
+        if self.digest is None:
+            raise InvariantViolation(f"node {self.id} applies index={e.index} without any state (no snapshot)")
+        changed = None
+        if e.entry_type == pb.EntryConfChangeV2:
+            cc = pb.ConfChangeV2()
+            cc.ParseFromString(e.data)
+            try:
+                cs = self.raw.apply_conf_change(cc)
+            except RaftError as err:
+                raise InvariantViolation(
+                    f"node {self.id} cannot apply the committed conf change at index={e.index}: {err}"
+                ) from err
+            self.conf_state = _copy(cs)
+            changed = self.conf_state
+            self.sim.checker.on_conf_applied(self.id, e.index, cs)
+            self.sim.trace("conf", self.id, f"applied index={e.index} voters={list(cs.voters)} "
+                           f"outgoing={list(cs.voters_outgoing)} auto_leave={cs.auto_leave}")
+        elif e.entry_type == pb.EntryConfChange:
+            raise InvariantViolation(f"node {self.id}: a V1 EntryConfChange at index={e.index}; we only propose V2")
+        self.digest = chain_digest(self.digest, e)
+        self.applied = e.index
+        self.sim.checker.on_applied(self.id, e.index, self.digest)
+        self.backend.record_applied(e.index, changed, self.digest)
+        self.recorded_applied = e.index
+        if changed is not None:
+            # A joining node can only restore a snapshot whose conf state lists it
+            # (raft-rs refuses others), so snapshot right at every conf change.
+            self.snapshot_now(compact=False)
+
+    def snapshot_now(self, compact: bool) -> None:
+        if not self.alive or self.digest is None:
+            return
+        st = self.backend.storage
+        try:
+            snap = st.create_snapshot(self.applied, self.conf_state, encode_snapshot_data(self.applied, self.digest))
+        except RaftError:
+            return
+        if compact:
+            # Keep a random tail behind the snapshot so both catch-up paths (entries
+            # and snapshot) stay in use.
+            keep = self.sim.rng.choice([0, 0, 1, 3, 10])
+            to = max(snap.metadata.index + 1 - keep, st.first_index())
+            try:
+                st.compact(to)
+            except RaftError:
+                pass
+        self.sim.trace("compact" if compact else "snapshot", self.id, f"snapshot index={snap.metadata.index}")
+
+    def maybe_compact(self) -> None:
+        p = self.sim.params
+        if p.compact_every and self.applied - self._snap_index() >= p.compact_every:
+            self.snapshot_now(compact=True)
+
+    def _snap_index(self) -> int:
+        return self.backend.storage.first_index() - 1
+
+    def _sync(self) -> None:
+        self.backend.storage.sync()
+        self.durable_applied = self.recorded_applied
+
+    def idle_sync(self) -> None:
+        """Make pending writes (applied records, compaction) durable outside a Ready."""
+        if self.alive:
+            self._sync()

@@ -1,0 +1,241 @@
+"""Pluggable storage backends for the simulation, each with crash semantics.
+
+A backend owns one node's storage across incarnations. `live` is what the core
+reads and the host writes; a crash keeps only what the last `sync()` made
+durable and throws away every write after it (the WAL's unsynced tail, the
+page cache). The backend also carries the host's applied record (applied index,
+the conf state in effect there, the state-machine digest), which is durable
+with the next `sync()` exactly like the service's `DiskStorage.set_applied`.
+
+This module never decides *when* to crash; the fault injector does.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from cita_raft_pb import eraftpb_pb2 as pb
+
+
+@dataclass
+class AppliedRecord:
+    """The host's applied state as last written: index, conf state there, app digest."""
+
+    index: int
+    conf_state: pb.ConfState
+    digest: bytes
+
+
+def _copy_arg(arg: Any) -> Any:
+    # The core may reuse or mutate message objects after handing them out, so a
+    # pending write keeps its own copy, as bytes on disk would.
+    if isinstance(arg, list):
+        return [_copy_arg(a) for a in arg]
+    if hasattr(arg, "CopyFrom"):
+        c = type(arg)()
+        c.CopyFrom(arg)
+        return c
+    return arg
+
+
+class _RecordingStorage:
+    """Wraps a MemoryStorage: every write goes to `live` at once and is queued for
+    the durable shadow, which receives the queue only on `sync()`."""
+
+    _WRITES = ("append", "set_hardstate", "set_conf_state", "apply_snapshot", "create_snapshot", "compact")
+
+    def __init__(self, live: Any, shadow: Any) -> None:
+        self._live = live
+        self._shadow = shadow
+        self._pending: list[tuple[str, tuple]] = []
+        self.pending_applied: AppliedRecord | None = None
+        self.durable_applied: AppliedRecord | None = None
+
+    # read side: straight to the live storage
+    def initial_state(self) -> Any:
+        return self._live.initial_state()
+
+    def first_index(self) -> int:
+        return self._live.first_index()
+
+    def last_index(self) -> int:
+        return self._live.last_index()
+
+    def term(self, index: int) -> int:
+        return self._live.term(index)
+
+    def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[pb.Entry]:
+        return self._live.entries(lo, hi, max_size)
+
+    def snapshot(self, request_index: int = 0, to: int = 0) -> pb.Snapshot:
+        return self._live.snapshot(request_index, to)
+
+    # write side: live now, shadow on sync
+    def _write(self, name: str, *args: Any) -> Any:
+        result = getattr(self._live, name)(*args)
+        self._pending.append((name, tuple(_copy_arg(a) for a in args)))
+        return result
+
+    def append(self, entries: list[pb.Entry]) -> None:
+        self._write("append", entries)
+
+    def set_hardstate(self, hs: pb.HardState) -> None:
+        self._write("set_hardstate", hs)
+
+    def set_conf_state(self, cs: pb.ConfState) -> None:
+        self._write("set_conf_state", cs)
+
+    def apply_snapshot(self, snap: pb.Snapshot) -> None:
+        self._write("apply_snapshot", snap)
+
+    def create_snapshot(self, index: int, conf_state: pb.ConfState | None, data: bytes) -> pb.Snapshot:
+        return self._write("create_snapshot", index, conf_state, data)
+
+    def compact(self, index: int) -> None:
+        self._write("compact", index)
+
+    def sync(self) -> None:
+        for name, args in self._pending:
+            getattr(self._shadow, name)(*args)
+        self._pending.clear()
+        if self.pending_applied is not None:
+            self.durable_applied = self.pending_applied
+            self.pending_applied = None
+        self._live.sync()
+
+    def durable_view(self) -> Any:
+        """The storage as a restart would find it (never handed to the core)."""
+        return self._shadow
+
+
+class MemoryBackend:
+    """MemoryStorage with a durable shadow copy: crash = restart from the shadow."""
+
+    name = "memory"
+
+    def __init__(self, node_id: int, workdir: str | None = None, rng: Any = None) -> None:
+        from raft.storage import MemoryStorage
+
+        self._factory = MemoryStorage
+        self.node_id = node_id
+        self.storage = _RecordingStorage(MemoryStorage(), MemoryStorage())
+
+    def record_applied(self, index: int, conf_state: pb.ConfState | None, digest: bytes) -> None:
+        """Applied record, durable with the next sync (like DiskStorage.set_applied)."""
+        if conf_state is not None:
+            self.storage.set_conf_state(conf_state)
+            cs = _copy_arg(conf_state)
+        else:
+            prev = self.storage.pending_applied or self.storage.durable_applied
+            cs = prev.conf_state if prev is not None else pb.ConfState()
+        self.storage.pending_applied = AppliedRecord(index, cs, digest)
+
+    def durable_applied(self) -> AppliedRecord | None:
+        return self.storage.durable_applied
+
+    def crash(self) -> None:
+        """Lose everything written since the last sync."""
+        shadow = self.storage.durable_view()
+        durable = self.storage.durable_applied
+        self.storage = _RecordingStorage(copy.deepcopy(shadow), shadow)
+        self.storage.durable_applied = durable
+
+    def restart(self) -> Any:
+        return self.storage
+
+    def close(self) -> None:
+        pass
+
+
+class DiskBackend:
+    """raft.disk.DiskStorage in a temp dir; crash = `simulate_crash()` (the unsynced
+    tail is lost, sometimes with a torn prefix of it left behind) and reopen.
+
+    Without that hook, every `sync()` copies the directory and a crash reopens
+    from the copy.
+    """
+
+    name = "disk"
+
+    def __init__(self, node_id: int, workdir: str | None = None, rng: Any = None) -> None:
+        from raft.disk import DiskStorage
+
+        self._cls = DiskStorage
+        self.node_id = node_id
+        self.rng = rng
+        self.root = tempfile.mkdtemp(prefix=f"sim-n{node_id}-", dir=workdir)
+        self.path = os.path.join(self.root, "data")
+        self.synced_path = os.path.join(self.root, "synced")
+        self.logger = logging.getLogger(f"sim.disk{node_id}")
+        self.storage: Any = DiskStorage.open(self.path, logger=self.logger)
+        self._hook = hasattr(self.storage, "simulate_crash")
+        self._install_sync_copy()
+
+    def _install_sync_copy(self) -> None:
+        if self._hook:
+            return
+        real_sync = self.storage.sync
+        backend = self
+
+        def sync_and_copy() -> None:
+            real_sync()
+            if os.path.exists(backend.synced_path):
+                shutil.rmtree(backend.synced_path)
+            shutil.copytree(backend.path, backend.synced_path)
+
+        self.storage.sync = sync_and_copy
+        sync_and_copy()
+
+    def record_applied(self, index: int, conf_state: pb.ConfState | None, digest: bytes) -> None:
+        from .checkers import encode_snapshot_data
+
+        # Same bytes as a snapshot's data, so a restart that finds the snapshot's own
+        # applied record (torn tail) decodes it the same way.
+        self.storage.set_applied(index, conf_state, encode_snapshot_data(index, digest))
+
+    def durable_applied(self) -> AppliedRecord | None:
+        """Asked right after a restart, when the live storage is what survived."""
+        from .checkers import decode_snapshot_data
+
+        index = self.storage.applied_index()
+        if index == 0:
+            return None
+        data_index, digest = decode_snapshot_data(self.storage.applied_data())
+        if data_index != index:
+            raise AssertionError(f"applied record index={index} carries data of index={data_index}")
+        return AppliedRecord(index, self.storage.initial_state().conf_state, digest)
+
+    def crash(self) -> None:
+        if self._hook:
+            self.storage.simulate_crash(self.rng)
+        else:
+            try:
+                self.storage.close()
+            except Exception:  # noqa: BLE001 -- a crash does not close cleanly
+                pass
+            shutil.rmtree(self.path)
+            shutil.copytree(self.synced_path, self.path)
+        self.storage = None
+
+    def restart(self) -> Any:
+        if self.storage is None:
+            self.storage = self._cls.open(self.path, logger=self.logger)
+            self._install_sync_copy()
+        return self.storage
+
+    def close(self) -> None:
+        if self.storage is not None:
+            try:
+                self.storage.close()
+            except Exception:  # noqa: BLE001
+                pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+BACKENDS = {"memory": MemoryBackend, "disk": DiskBackend}

@@ -1,0 +1,176 @@
+"""CI share of the randomized Raft simulation (tests/sim): 300 seeds on
+MemoryStorage and 20 on DiskStorage, plus checks that the harness itself can
+fail (a host that sends acks before fsync, a disk that forgets synced data,
+checkers fed impossible histories) and replays a seed exactly.
+
+A failing seed prints the one-line command that replays it with a trace.
+`make soak` runs 10,000 seeds.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from cita_raft_pb import eraftpb_pb2 as pb
+from tests.sim import SimFailure, run_seed
+from tests.sim.checkers import Checker, InvariantViolation
+from tests.sim.host import SimNode
+from tests.sim.stores import MemoryBackend
+
+MEMORY_SEEDS = range(0, 300)
+DISK_SEEDS = range(100_000, 100_020)
+CHUNK = 25
+
+
+@functools.cache
+def _memory_result(seed: int):
+    """Each memory seed runs once per session; the coverage test below reuses the runs."""
+    return run_seed(seed)
+
+
+def _run_chunk(seeds: range | list[int], storage: str, tmp_path) -> None:
+    failures = []
+    for seed in seeds:
+        try:
+            if storage == "memory":
+                _memory_result(seed)
+            else:
+                run_seed(seed, storage, workdir=str(tmp_path))
+        except SimFailure as e:
+            failures.append(str(e))
+    assert not failures, f"{len(failures)} seed(s) failed:\n\n" + "\n\n".join(failures)
+
+
+@pytest.mark.parametrize("start", range(MEMORY_SEEDS.start, MEMORY_SEEDS.stop, CHUNK))
+def test_simulation_memory_storage(start, tmp_path):
+    _run_chunk(range(start, min(start + CHUNK, MEMORY_SEEDS.stop)), "memory", tmp_path)
+
+
+@pytest.mark.parametrize("start", range(DISK_SEEDS.start, DISK_SEEDS.stop, 10))
+def test_simulation_disk_storage(start, tmp_path):
+    _run_chunk(range(start, min(start + 10, DISK_SEEDS.stop)), "disk", tmp_path)
+
+
+def test_a_seed_replays_exactly():
+    a = run_seed(7)
+    b = run_seed(7)
+    assert (a.steps, a.committed, a.checks, a.messages, a.faults) == (b.steps, b.committed, b.checks, b.messages, b.faults)
+    assert a.committed > 5, "the run should commit entries, or it checks nothing"
+    assert a.checks > 100
+
+
+def test_runs_exercise_the_faults_they_claim():
+    """Across a few seeds every fault and operator action actually happens."""
+    seen: dict[str, int] = {}
+    for seed in range(40):
+        r = _memory_result(seed)
+        for k, v in {**r.faults, **r.workload}.items():
+            seen[k.split("@")[0]] = seen.get(k.split("@")[0], 0) + v
+    for kind in ["crash", "crash between steps", "restart", "pause", "slow voter", "stale redelivery",
+                 "net isolate", "net bipartition", "net bridge", "net oneway_in", "net oneway_out",
+                 "net leader_mute", "net leader_deaf", "net random_links", "transfer", "cc add", "cc remove",
+                 "cc remove_leader", "cc replace_one", "cc replace_all", "propose ok"]:
+        assert seen.get(kind, 0) > 0, f"no '{kind}' in 40 seeds: {sorted(seen)}"
+
+
+# ---- the harness must be able to fail ------------------------------------------------
+
+
+def test_acks_sent_before_fsync_are_caught(monkeypatch):
+    """A host that releases persisted_messages before sync() is reported with its replay command."""
+
+    original_handle = SimNode._handle_ready
+
+    def handle_ready_sending_early(self):
+        raw = self.raw
+        real_ready = raw.ready
+
+        def ready_and_send_everything_now():
+            rd = real_ready()
+            rd.messages = list(rd.messages) + list(rd.persisted_messages)
+            rd.persisted_messages = []
+            return rd
+
+        raw.ready = ready_and_send_everything_now
+        try:
+            original_handle(self)
+        finally:
+            if self.raw is raw:
+                del raw.ready
+
+    monkeypatch.setattr(SimNode, "_handle_ready", handle_ready_sending_early)
+    with pytest.raises(SimFailure) as e:
+        for seed in range(20):
+            run_seed(seed)
+    text = str(e.value)
+    assert "before persisted" in text
+    assert "replay: .venv/bin/python -m tests.sim --seed" in text
+
+
+def test_a_disk_that_forgets_synced_state_is_caught(monkeypatch):
+    """Crash = lose *everything* since start (a lying fsync): some seed must break safety or stall."""
+
+    def crash_forgetting_all(self):
+        from raft.storage import MemoryStorage
+        from tests.sim.stores import _RecordingStorage
+
+        self.storage = _RecordingStorage(MemoryStorage(), MemoryStorage())
+
+    monkeypatch.setattr(MemoryBackend, "crash", crash_forgetting_all)
+    with pytest.raises(SimFailure):
+        for seed in range(40):
+            run_seed(seed)
+
+
+def _entry(index: int, term: int, data: bytes) -> pb.Entry:
+    return pb.Entry(index=index, term=term, data=data)
+
+
+def test_checker_rejects_two_leaders_in_one_term():
+    ck = Checker()
+    ck.on_leader(1, 7)
+    ck.on_leader(1, 7)
+    with pytest.raises(InvariantViolation, match="both leader in term=7"):
+        ck.on_leader(2, 7)
+
+
+def test_checker_rejects_a_double_vote():
+    ck = Checker()
+    ck.on_vote(3, 9, 1, "granted")
+    with pytest.raises(InvariantViolation, match="double vote"):
+        ck.on_vote(3, 9, 2, "granted")
+
+
+def test_checker_rejects_divergent_committed_entries():
+    ck = Checker()
+    ck.on_committed(1, _entry(6, 6, b"a"), 6)
+    ck.on_committed(2, _entry(6, 6, b"a"), 6)
+    with pytest.raises(InvariantViolation, match="state-machine safety"):
+        ck.on_committed(3, _entry(6, 7, b"b"), 7)
+
+
+def test_checker_rejects_log_matching_violations():
+    ck = Checker()
+    ck.on_log_entry(1, _entry(7, 3, b"x"), 2)
+    with pytest.raises(InvariantViolation, match="log matching"):
+        ck.on_log_entry(2, _entry(7, 3, b"x"), 1)
+
+
+def test_checker_rejects_a_leader_missing_committed_entries():
+    ck = Checker()
+    ck.on_committed(1, _entry(6, 6, b"a"), 6)
+    with pytest.raises(InvariantViolation, match="leader completeness"):
+        ck.check_leader_completeness(2, 8, lambda i: 7)
+
+
+def test_checker_rejects_acks_ahead_of_durable_state():
+    ck = Checker()
+    vote = pb.Message(msg_type=pb.MsgRequestVoteResponse, to=2, term=5)
+    with pytest.raises(InvariantViolation, match="vote sent before persisted"):
+        ck.on_send(1, vote, pb.HardState(term=4), 10)
+    ack = pb.Message(msg_type=pb.MsgAppendResponse, to=2, term=5, index=12)
+    with pytest.raises(InvariantViolation, match="append ack before persisted"):
+        ck.on_send(1, ack, pb.HardState(term=5), 11)
+    ck.on_send(1, ack, pb.HardState(term=5), 12)
