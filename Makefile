@@ -95,3 +95,9 @@ packaging: setup
 image:
 	docker build --build-arg GIT_HASH=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown) \
 		-t $(or $(IMAGE),citacloud/consensus_raft:py) .
+
+# randomized Raft simulation soak (not in CI): SEEDS seeds from START on STORAGE
+# (memory|disk) with JOBS processes; a failure prints the command that replays it
+.PHONY: soak
+soak: setup
+	$(PY) -m tests.sim --soak $(or $(SEEDS),10000) --start $(or $(START),0) --storage $(or $(STORAGE),memory) --jobs $(or $(JOBS),2)
