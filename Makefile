@@ -78,7 +78,8 @@ bench-wal: setup
 # random DiskStorage/MemoryStorage sequences; ITERATIONS=n SEED=n
 .PHONY: soak-wal
 soak-wal: setup
-	CRASH_ITERATIONS=$(or $(ITERATIONS),5000) CRASH_SEED=$(or $(SEED),$(shell date +%s)) DISK_PROPERTY_SEEDS=500 \
+	seed=$(or $(SEED),$$(date +%s)); echo "soak-wal: CRASH_SEED=$$seed"; \
+	CRASH_ITERATIONS=$(or $(ITERATIONS),5000) CRASH_SEED=$$seed DISK_PROPERTY_SEEDS=500 DISK_TORN_SEEDS=1000 \
 		$(PY) -m pytest -q tests/test_crash.py tests/test_disk.py
 
 # raft core throughput on 3- and 5-node in-memory clusters (prints figures; WIRE=1 serializes messages)
