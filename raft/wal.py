@@ -214,11 +214,12 @@ class WalWriter:
     """The single writer of the WAL: appends records to the active segment.
 
     Records are buffered in memory and written with one os.write per sync()
-    (or when the buffer grows large); sync() then fsyncs the segment, and the
-    directory when a file was created. Any OSError from the disk turns into
-    DiskFailure and the writer refuses every later write: after a failed
-    fsync the kernel may have dropped the dirty pages, so nothing written
-    since the last good fsync may be called durable (fail closed).
+    (or when the buffer grows large); sync() then fsyncs the segment. New
+    segments are created, fsynced and directory-fsynced before use. Any
+    OSError from the disk turns into DiskFailure and the writer refuses every
+    later write: after a failed fsync the kernel may have dropped the dirty
+    pages, so nothing written since the last good fsync may be called durable
+    (fail closed).
     """
 
     FLUSH_BYTES = 4 * 1024 * 1024
@@ -246,7 +247,6 @@ class WalWriter:
         self._fd = self._guard("open", lambda: os.open(self._path, os.O_WRONLY | os.O_APPEND))
         self.offset = offset  # bytes in the file, written or not yet synced
         self.synced_offset = offset
-        self._dir_dirty = False
 
     @classmethod
     def create(
@@ -310,20 +310,17 @@ class WalWriter:
 
     @property
     def dirty(self) -> bool:
-        return bool(self._buf) or self.offset != self.synced_offset or self._dir_dirty
+        return bool(self._buf) or self.offset != self.synced_offset
 
     def sync(self) -> None:
-        """Make every record added so far durable: write, fsync the segment, and
-        the directory if a file was created since the last sync."""
+        """Make every record added so far durable: write and fsync the segment.
+        (Creating a segment already fsyncs it and the directory before use.)"""
         self.check()
         if not self.dirty:
             return
         self.flush()
         fd = self._fd
         self._guard("fsync", lambda: os.fsync(fd))
-        if self._dir_dirty:
-            self._guard("fsync directory", lambda: fsync_dir(self.dirpath))
-            self._dir_dirty = False
         self.synced_offset = self.offset
 
     @property
