@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -80,7 +81,12 @@ class MixedCluster(Cluster):
         argvs = {nid: node_argv(kind, nid, voters, oracle, extra.get(nid, ()))
                  for nid, kind in self.layout.items()}
         self.mode = reencode
-        self.partitioned: set[int] = set()
+        self.partitioned: set[int] = set()          # isolated nodes: nothing in or out
+        self.groups: list[set[int]] = []           # if set, messages only flow within a group
+        # seeded faults on delivery (drop / duplicate / reorder); None = a perfect network
+        self.chaos: random.Random | None = None
+        self.drop_p = self.dup_p = 0.0
+        self.leaders_by_term: dict[int, set[int]] = {}
         self.wire = WireStats()
         self.R = raftpb
         self.conf_states: dict[int, list[E.ConfState]] = {nid: [] for nid in argvs}
@@ -156,24 +162,54 @@ class MixedCluster(Cluster):
 
     def step(self, extra=None):
         """One round; partitions and re-encoding apply at delivery time."""
-        if not self.partitioned and self.mode != "rs":
+        if not self.partitioned and not self.groups and self.chaos is None and self.mode != "rs":
             self.wire.delivered += sum(map(len, self.pending.values()))
             return super().step(extra)
+        rng = self.chaos
+        reports: dict[int, list[bytes]] = {}
         for nid, frames in self.pending.items():
             out = []
             for f in frames:
                 payload = f[5:]
                 m = E.Message()
                 m.ParseFromString(payload)
-                if nid in self.partitioned or getattr(m, "from") in self.partitioned:
+                frm = getattr(m, "from")
+                if self.blocked(frm, nid) or (rng is not None and rng.random() < self.drop_p):
                     self.wire.dropped += 1
+                    if m.msg_type == E.MsgSnapshot and frm in self.nodes:
+                        # what a host's transport does when a snapshot send fails
+                        reports.setdefault(frm, []).append(frame(b"n", b"%d fail" % nid))
                     continue
+                if m.msg_type == E.MsgSnapshot and frm in self.nodes:
+                    # the transport handed it over: the host reports success (etcd/raft-rs
+                    # leaders otherwise wait in Snapshot state if the answer is lost)
+                    reports.setdefault(frm, []).append(frame(b"n", b"%d ok" % nid))
                 if self.mode == "rs":
                     f = frame(b"s", self._as_raft_rs(payload))
                 self.wire.delivered += 1
                 out.append(f)
+                if rng is not None and rng.random() < self.dup_p:
+                    out.append(f)
+            if rng is not None:
+                rng.shuffle(out)
             self.pending[nid] = out
+        if reports:
+            extra = dict(extra or {})
+            for nid, frames in reports.items():
+                extra[nid] = list(extra.get(nid, [])) + frames
         return super().step(extra)
+
+    def blocked(self, frm: int, to: int) -> bool:
+        """Whether the network currently cuts frm -> to."""
+        if frm in self.partitioned or to in self.partitioned:
+            return True
+        if self.groups:
+            return not any(frm in g and to in g for g in self.groups)
+        return False
+
+    def heal(self) -> None:
+        self.partitioned.clear()
+        self.groups = []
 
     def process(self, outputs):
         super().process(outputs)
@@ -191,6 +227,11 @@ class MixedCluster(Cluster):
                     sm = E.SnapshotMetadata()
                     sm.ParseFromString(p)
                     self.snap_metas[nid].append(sm)
+            # Election safety bookkeeping (Raft §5.2): the term a node leads in is the
+            # term of its latest persisted hard state once this batch is processed.
+            if self.nodes[nid].state == "StateLeader" and any(op == b"L" for op, _ in frames):
+                hs = self.hard_states[nid]
+                self.leaders_by_term.setdefault(hs[-1].term if hs else 0, set()).add(nid)
 
     # ------------------------------------------------------------- verbs
     def ids(self, kind: str | None = None) -> list[int]:
@@ -251,12 +292,28 @@ class MixedCluster(Cluster):
     def roles(self) -> dict[int, tuple[str, int, str]]:
         return {i: (self.layout[i], n.lead, n.state) for i, n in self.nodes.items()}
 
+    def describe(self) -> str:
+        """Every node's status and last hard state: for failure messages."""
+        lines = []
+        for i in self.nodes:
+            hs = self.hard_states[i][-1] if self.hard_states[i] else None
+            lines.append(f"node {i} ({self.layout[i]}): {json.dumps(self.status(i))} "
+                         f"hs=({hs.term if hs else 0},{hs.vote if hs else 0},{hs.commit if hs else 0}) "
+                         f"snapshots={[(m.index, m.term) for m in self.snap_metas[i]]}")
+        return "\n".join(lines)
+
     def errors(self) -> dict[int, list[str]]:
         return {i: n.errors for i, n in self.nodes.items() if n.errors}
 
     def committed(self, nid: int) -> list[tuple[int, int, int, bytes]]:
         """(index, term, type, data) of every entry node `nid` handed to its applier."""
         return list(self.nodes[nid].committed)
+
+    def applied_index(self, nid: int) -> int:
+        """The last index node `nid` applied, by entry or by installing a snapshot."""
+        last = self.nodes[nid].committed[-1][0] if self.nodes[nid].committed else 0
+        snaps = self.snap_metas[nid]
+        return max(last, snaps[-1].index if snaps else 0)
 
     def data_log(self, nid: int) -> list[bytes]:
         """The non-empty normal entries node `nid` applied, in order."""
