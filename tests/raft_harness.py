@@ -81,6 +81,7 @@ class Network:
         self.ignored_types: set[int] = set()
         self.sent: list[pb.Message] = []  # every message handed to the network (for assertions)
         self.report_snapshots = True
+        self.on_deliver = None  # optional callback(msg) before each delivery (transcripts)
         for nid in ids:
             self.add_node(nid, voters=ids)
 
@@ -182,6 +183,8 @@ class Network:
             return False
         m = self.queue.popleft()
         node = self.nodes.get(m.to)
+        if self.on_deliver is not None:
+            self.on_deliver(m)
         if node is None:
             return True
         try:
