@@ -167,11 +167,13 @@ class Raft:
     # ---- state --------------------------------------------------------------------
 
     def _load_state(self, hs: pb.HardState) -> None:
-        if hs.commit < self.log.committed or hs.commit > self.log.last_index():
+        if hs.commit > self.log.last_index():
             raise RaftError(
                 f"hard state commit {hs.commit} is out of range [{self.log.committed}, {self.log.last_index()}]"
             )
-        self.log.committed = hs.commit
+        # A commit below the snapshot index (a store that did not bump it on install) is
+        # harmless: everything in the snapshot is committed.
+        self.log.committed = max(hs.commit, self.log.committed)
         self.term = hs.term
         self.vote = hs.vote
 
@@ -797,6 +799,10 @@ class Raft:
                 self.send_append(frm)
             return
 
+        if m.index > self.log.last_index():
+            # An acknowledgement of entries we never had (a confused or stale peer): ignore.
+            self._warn("append response beyond last index", **{"from": frm}, index=m.index, last_index=self.log.last_index())
+            return
         old_paused = pr.is_paused()
         if not pr.maybe_update(m.index):
             return

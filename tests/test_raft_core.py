@@ -380,3 +380,93 @@ def test_wire_tolerance_absent_or_zero_snapshot_is_empty():
     m.snapshot.data = b""  # present but index 0 (etcd-style zero snapshot)
     r2.step(m)
     assert r2.raft.log.last_index() == before and r2.raft.log.unstable.snapshot is None
+
+
+def test_stale_shorter_append_does_not_drop_acknowledged_entries():
+    net = Network(3)
+    net.elect(1)
+    r2 = net.nodes[2].raw
+    first = msg(pb.MsgAppend, 1, 2, 1, index=1, log_term=1, commit=1, entries=[pb.Entry(index=2, term=1, data=b"a")])
+    second = msg(
+        pb.MsgAppend,
+        1,
+        2,
+        1,
+        index=1,
+        log_term=1,
+        commit=1,
+        entries=[pb.Entry(index=2, term=1, data=b"a"), pb.Entry(index=3, term=1, data=b"b")],
+    )
+    r2.step(second)
+    r2.step(first)  # an old, shorter duplicate arrives late
+    assert r2.raft.log.last_index() == 3
+    rd = r2.ready()
+    assert [m.index for m in rd.persisted_messages] == [3, 2]
+    r2.advance(rd)
+
+
+def test_follower_hands_out_committed_entries_only_after_persisting_them():
+    net = Network(3)
+    net.elect(1)
+    r2 = net.nodes[2].raw
+    r2.step(msg(pb.MsgAppend, 1, 2, 1, index=1, log_term=1, commit=2, entries=[pb.Entry(index=2, term=1, data=b"a")]))
+    rd = r2.ready()
+    assert rd.hard_state.commit == 2
+    assert rd.committed_entries == [], "entry 2 is committed but not yet persisted here"
+    net.nodes[2].storage.append(rd.entries)
+    r2.advance(rd)
+    rd = r2.ready()
+    assert [e.data for e in rd.committed_entries] == [b"a"]
+    r2.advance(rd)
+
+
+def test_unreachable_follower_falls_back_to_probe():
+    net = Network(3)
+    net.elect(1)
+    net.propose(1, b"a")
+    r1 = net.nodes[1].raw
+    assert r1.status().progress[2][2] == "Replicate"
+    r1.report_unreachable(2)
+    assert r1.status().progress[2][2] == "Probe"
+    net.propose(1, b"b")  # the probe succeeds, streaming resumes
+    assert r1.status().progress[2][2] == "Replicate"
+    assert net.nodes[2].normal_data() == [b"a", b"b"]
+
+
+def test_bogus_append_response_beyond_last_index_is_ignored():
+    net = Network(3)
+    net.elect(1)
+    r1 = net.nodes[1].raw
+    r1.step(msg(pb.MsgAppendResponse, 2, 1, 1, index=99))
+    assert r1.raft.log.committed == 1
+    assert r1.status().progress[2][0] == 1
+
+
+def test_hard_state_commit_below_snapshot_is_tolerated():
+    s = MemoryStorage()
+    snap = pb.Snapshot()
+    snap.metadata.index = 5
+    snap.metadata.term = 5
+    snap.metadata.conf_state.voters.extend([1, 2, 3])
+    s.apply_snapshot(snap)
+    s.set_hardstate(pb.HardState(term=5, vote=0, commit=0))
+    r = RawNode(Config(id=1), s, rng=random.Random(1))
+    assert r.raft.log.committed == 5 and r.raft.term == 5
+
+
+def test_learner_replicates_but_does_not_vote_or_count():
+    net = Network([1, 2, 3, 4])
+    for nid in net.nodes:
+        cs = pb.ConfState(voters=[1, 2, 3], learners=[4])
+        net.nodes[nid] = net.add_node(nid, storage=MemoryStorage.new_with_conf_state([1, 2, 3], [4]))
+        assert net.nodes[nid].raft.prs.conf.to_conf_state() == cs
+    net.elect(1)
+    reqs = [m for m in net.sent if m.msg_type == pb.MsgRequestVote]
+    assert sorted(m.to for m in reqs) == [2, 3]
+    net.propose(1, b"a")
+    assert net.nodes[4].normal_data() == [b"a"]
+    assert not net.nodes[4].raft.promotable
+    net.isolate(2)
+    net.isolate(3)
+    net.propose(1, b"b")
+    assert net.nodes[1].normal_data() == [b"a"], "a learner's ack must not count towards commit"
