@@ -662,8 +662,20 @@ class Raft:
             return
         if m.commit > self.log.last_index():
             return
-        if self.log.maybe_commit(m.commit, m.commit_term):
-            self._info("advanced commit by vote message", commit=self.log.committed, term=self.term)
+        last_commit = self.log.committed
+        if not self.log.maybe_commit(m.commit, m.commit_term):
+            return
+        self._info("fast-forwarded commit by vote message", commit=self.log.committed, term=self.term)
+        if self.state not in (StateRole.Candidate, StateRole.PreCandidate):
+            return
+        # A candidate must not win with a committed but unapplied conf change (thesis §4.1):
+        # step down, as raft-rs does.
+        try:
+            ents = self.log.slice(max(last_commit + 1, self.log.first_index()), self.log.committed + 1)
+        except RaftError:
+            ents = []
+        if any(e.entry_type != pb.EntryNormal for e in ents):
+            self.become_follower(self.term, INVALID_ID)
 
     # ---- leader -------------------------------------------------------------------
 
@@ -707,6 +719,7 @@ class Raft:
                 self._info("snapshot succeeded, resumed sending replication messages", to=frm, progress=pr)
             # Wait for the append response (or a heartbeat) before the next append.
             pr.pause()
+            pr.pending_request_snapshot = 0
         elif t == MsgUnreachable:
             # The transport failed: stop streaming and probe instead.
             if pr.state == ProgressState.Replicate:
@@ -997,7 +1010,17 @@ class Raft:
                 self.log.commit_to(m.commit)
             else:
                 self._warn("heartbeat commit beyond last index", commit=m.commit, last_index=self.log.last_index())
-        r = pb.Message(msg_type=MsgHeartbeatResponse, to=getattr(m, "from"), term=self.term, context=m.context)
+        if self.pending_request_snapshot != 0:
+            self._send_request_snapshot()
+            return
+        # raft-rs reports our commit index on the response.
+        r = pb.Message(
+            msg_type=MsgHeartbeatResponse,
+            to=getattr(m, "from"),
+            term=self.term,
+            context=m.context,
+            commit=self.log.committed,
+        )
         setattr(r, "from", self.id)
         self.msgs.append(r)
 
