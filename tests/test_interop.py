@@ -169,33 +169,43 @@ def test_leader_transfer(make_cluster, layout):
 
 # ---------------------------------------------------------------- membership
 
-@pytest.mark.parametrize("layout", ["PEEE", "PEEP", "EPPP", "EPPE"])
-def test_joint_conf_change_auto_leave(make_cluster, layout):
-    """ConfChangeV2 {add 4, remove 3}, transition Auto: joint config, then auto-leave (thesis §4.3)."""
+@pytest.mark.parametrize("layout,removed", [("PEEE", 3), ("PEEP", 3), ("EPPP", 3), ("EPPE", 3),
+                                            ("PEEP", 1), ("EPPE", 1)])
+def test_joint_conf_change_auto_leave(make_cluster, layout, removed):
+    """ConfChangeV2 {add 4, remove 3 (or 1)}, transition Auto: joint config, then auto-leave
+    (thesis §4.3).  To remove the leader itself, it first hands leadership to a node that stays
+    (consensus_raft PRs #58-#60), and the new leader proposes the change."""
     c = make_cluster(layout, voters=[1, 2, 3])
     elect(c, 1)
     c.propose(1, [b"before-cc-%d" % k for k in range(5)])
+    lead = 1
+    if removed == 1:
+        c.transfer(1, 2)
+        lead = 2
+        assert c.leader_of([1, 2, 3]) == 2, f"the leader to be removed did not hand over: {c.roles()}"
     cc = E.ConfChangeV2(transition=E.Auto, changes=[
         E.ConfChangeSingle(change_type=E.AddNode, node_id=4),
-        E.ConfChangeSingle(change_type=E.RemoveNode, node_id=3)])
-    c.propose_cc(1, cc)
+        E.ConfChangeSingle(change_type=E.RemoveNode, node_id=removed)])
+    c.propose_cc(lead, cc)
     # etcd 3.4 appends the leave entry in Advance without sending it: one heartbeat carries it
-    c.tick([1])
-    c.propose(1, [b"after-cc-%d" % k for k in range(5)])
-    joint = ([1, 2, 4], [], [1, 2, 3], [], True)
-    final = ([1, 2, 4], [], [], [], False)
-    for i in (1, 2, 4):
+    c.tick([lead])
+    remaining = sorted({1, 2, 3, 4} - {removed})
+    c.propose(lead, [b"after-cc-%d" % k for k in range(5)])
+    joint = (remaining, [], [1, 2, 3], [], True)
+    final = (remaining, [], [], [], False)
+    for i in remaining:
         got = [cs_key(cs) for cs in c.conf_states[i]]
         assert got == [joint, final], f"node {i} ({c.layout[i]}) applied conf states {got}"
-    got3 = [cs_key(cs) for cs in c.conf_states[3]]
-    assert got3 and got3 == [joint, final][:len(got3)], f"removed node 3 applied {got3}"
-    assert_logs_identical(c, [1, 2, 4])
-    cc_entries = [e for e in c.committed(1) if e[2] == E.EntryConfChangeV2]
+    got_removed = [cs_key(cs) for cs in c.conf_states[removed]]
+    assert got_removed and got_removed == [joint, final][:len(got_removed)], \
+        f"removed node {removed} applied {got_removed}"
+    assert_logs_identical(c, remaining)
+    cc_entries = [e for e in c.committed(lead) if e[2] == E.EntryConfChangeV2]
     assert len(cc_entries) == 2, f"expected enter-joint and auto-leave entries, got {cc_entries}"
     leave = E.ConfChangeV2()
     leave.ParseFromString(cc_entries[1][3])
     assert not leave.changes, f"the auto-leave entry must be an empty ConfChangeV2, got {leave}"
-    assert sorted(int(k, 16) for k in c.status(1)["progress"]) == [1, 2, 4]
+    assert sorted(int(k, 16) for k in c.status(lead)["progress"]) == remaining
     assert c.data_log(4)[-1] == b"after-cc-4"
     # the removed node's late answers are refused by the leader, as both implementations must
     c.assert_clean(allowed=("peer not found", "StepPeerNotFound"))
