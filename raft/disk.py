@@ -66,6 +66,25 @@ def _copy(msg):  # type: ignore[no-untyped-def]
     return out
 
 
+class _Latest:
+    """Replay helper: the last payload of one small-state record kind, parsed on demand."""
+
+    __slots__ = ("cls", "obj", "raw")
+
+    def __init__(self, cls) -> None:  # type: ignore[no-untyped-def]
+        self.cls = cls
+        self.obj = cls()
+        self.raw: bytes | None = None
+
+    def set(self, obj) -> None:  # type: ignore[no-untyped-def]
+        self.obj, self.raw = obj, None
+
+    def get(self):  # type: ignore[no-untyped-def]
+        if self.raw is not None:
+            self.obj, self.raw = self.cls.FromString(self.raw), None
+        return self.obj
+
+
 class DiskStorage:
     """Raft storage on disk; same read/write API as MemoryStorage (docs/internals.md)."""
 
@@ -206,7 +225,9 @@ class DiskStorage:
         # Replay state. `base`/`base_term`: the log position just before entries[0].
         entries: list[pb.Entry] = []
         base = base_term = 0
-        hs, cs, applied = pb.HardState(), pb.ConfState(), pb.Snapshot()
+        # Small-state records are parsed lazily: only the last of each kind matters.
+        hs_l, cs_l, applied_l = _Latest(pb.HardState), _Latest(pb.ConfState), _Latest(pb.Snapshot)
+        cs_from_applied = False  # was the last conf state written by an APPLIED record?
         abort_height = 0
         wal_snapshot: pb.Snapshot | None = None
         seg_prev: list[tuple[int, int]] = []
@@ -217,6 +238,13 @@ class DiskStorage:
             return CorruptLog(f"WAL damaged: {path} at offset {offset}: {what}. {_RESTORE_HINT}")
 
         last_pos = len(segments) - 1
+        # Plain ints: enum attribute lookups cost more than the rest of the hot loop.
+        k_entry, k_hardstate, k_truncate, k_applied = (
+            int(k) for k in (Kind.ENTRY, Kind.HARDSTATE, Kind.TRUNCATE, Kind.APPLIED)
+        )
+        k_confstate, k_snapshot, k_abort, k_segment = (
+            int(k) for k in (Kind.CONFSTATE, Kind.SNAPSHOT, Kind.ABORT_HEIGHT, Kind.SEGMENT)
+        )
         history_cut = segments[0][0] > 1  # older segments were deleted (snapshot-covered)
         for pos, (seq, path) in enumerate(segments):
             scan = scan_segment(seq, path)
@@ -267,7 +295,7 @@ class DiskStorage:
                     )
             seg_prev.append((seq, marker.index))
             for kind, payload, offset in records[1:]:
-                if kind == Kind.ENTRY:
+                if kind == k_entry:
                     e = entry_from(payload)
                     if e.index != base + len(entries) + 1:
                         raise corrupt(
@@ -276,9 +304,9 @@ class DiskStorage:
                             f"entry index={e.index} does not follow last index={base + len(entries)}",
                         )
                     entries.append(e)
-                elif kind == Kind.HARDSTATE:
-                    hs = pb.HardState.FromString(payload)
-                elif kind == Kind.TRUNCATE:
+                elif kind == k_hardstate:
+                    hs_l.raw = payload
+                elif kind == k_truncate:
                     index = entry_from(payload).index
                     if index <= base and history_cut:
                         # Overwrites entries of a deleted segment (they were uncommitted when
@@ -291,12 +319,13 @@ class DiskStorage:
                             f"truncation at index={index} outside the log ({base}, {base + len(entries)}]",
                         )
                     del entries[index - base - 1 :]
-                elif kind == Kind.APPLIED:
-                    applied = pb.Snapshot.FromString(payload)
-                    cs = _copy(applied.metadata.conf_state)
-                elif kind == Kind.CONFSTATE:
-                    cs = pb.ConfState.FromString(payload)
-                elif kind == Kind.SNAPSHOT:
+                elif kind == k_applied:
+                    applied_l.raw = payload
+                    cs_from_applied = True
+                elif kind == k_confstate:
+                    cs_l.raw = payload
+                    cs_from_applied = False
+                elif kind == k_snapshot:
                     snap = pb.Snapshot.FromString(payload)
                     meta = snap.metadata
                     k = meta.index - base
@@ -304,15 +333,20 @@ class DiskStorage:
                         del entries[k:]  # the log agrees up to the snapshot: keep it as history
                     else:
                         entries, base, base_term = [], meta.index, meta.term
-                    cs = _copy(meta.conf_state)
+                    cs_l.set(_copy(meta.conf_state))
+                    cs_from_applied = False
+                    hs = hs_l.get()
                     hs.term = max(hs.term, meta.term)
                     hs.commit = max(hs.commit, meta.index)
-                    applied = _copy(snap)
+                    applied_l.set(_copy(snap))
                     wal_snapshot = snap
-                elif kind == Kind.ABORT_HEIGHT:
+                elif kind == k_abort:
                     abort_height = _U64.unpack(payload)[0]
-                elif kind == Kind.SEGMENT:
+                elif kind == k_segment:
                     raise corrupt(path, offset, "SEGMENT record in the middle of a segment")
+
+        hs, applied = hs_l.get(), applied_l.get()
+        cs = _copy(applied.metadata.conf_state) if cs_from_applied else cs_l.get()
 
         # The snapshot the log continues from: newest of the files and the WAL's own copy.
         latest = snapshots[0] if snapshots else None

@@ -158,24 +158,30 @@ def read_records(data: bytes, scan: SegmentScan) -> None:
     valid = _VALID_KINDS
     append = scan.records.append
     off = 0
+    # Hot loop of recovery (one pass per record): the cheap checks first, the
+    # reason for a failure is worked out only once, in _damage().
     while off < n:
         if n - off < HEADER_SIZE:
             scan.damage = f"incomplete record header ({n - off} bytes)"
             break
         length, crc, kind = unpack(data, off)
         end = off + HEADER_SIZE + length
-        if kind not in valid:
-            scan.damage = f"unknown record kind {kind}"
-            break
-        if length > MAX_RECORD or end > n:
-            scan.damage = f"record length {length} runs past the end of the file"
-            break
-        if crc32(view[off + 8 : end]) != crc:
-            scan.damage = f"checksum mismatch in a {Kind(kind).name} record of {length} bytes"
+        if end > n or crc32(view[off + 8 : end]) != crc or kind not in valid:
+            scan.damage = _damage(data, off)
             break
         append((kind, data[off + HEADER_SIZE : end], off))
         off = end
     scan.good_end = off
+
+
+def _damage(data: bytes, off: int) -> str:
+    length, crc, kind = HEADER.unpack_from(data, off)
+    end = off + HEADER_SIZE + length
+    if kind not in _VALID_KINDS:
+        return f"unknown record kind {kind}"
+    if length > MAX_RECORD or end > len(data):
+        return f"record length {length} runs past the end of the file"
+    return f"checksum mismatch in a {Kind(kind).name} record of {length} bytes"
 
 
 def valid_record_after(data: bytes, start: int) -> int | None:
