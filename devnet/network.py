@@ -18,6 +18,7 @@ seeded from the devnet spec. The hub never looks inside consensus payloads.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import signal
@@ -92,6 +93,9 @@ class Hub:
                                      "dropped_unknown_origin", "dropped_no_handler", "duplicated",
                                      "retries", "failed", "registrations")}
         self.tasks: set[asyncio.Task] = set()
+        # Hub-side time of successful ProcessNetworkMsg calls (seconds), to tell the
+        # simulator's share of a latency figure from the consensus service's.
+        self.delivery_s: collections.deque[float] = collections.deque(maxlen=20000)
 
     def register(self, node: int, info: network_pb2.RegisterInfo) -> None:
         # Loopback only: the hostname (e.g. "localhost") is noted but we dial 127.0.0.1.
@@ -141,7 +145,9 @@ class Hub:
                 self.stats["dropped_no_handler"] += 1
                 return
             try:
+                t0 = time.perf_counter()
                 await handler[1].ProcessNetworkMsg(msg, timeout=ATTEMPT_TIMEOUT_S)
+                self.delivery_s.append(time.perf_counter() - t0)
                 self.stats["delivered"] += 1
                 return
             except grpc.aio.AioRpcError as e:
@@ -155,6 +161,12 @@ class Hub:
             await asyncio.sleep(backoff * self.rng.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER))
             backoff = min(backoff * RETRY_FACTOR, RETRY_MAX_INTERVAL_S)
 
+    def delivery_percentiles(self) -> dict:
+        v = sorted(self.delivery_s)
+        if not v:
+            return {}
+        return {"n": len(v), "p50": 1000 * v[len(v) // 2], "p99": 1000 * v[min(len(v) - 1, int(len(v) * 0.99))]}
+
     # ---- admin -----------------------------------------------------------------------
     async def admin(self, req: dict) -> dict:
         op = req["op"]
@@ -162,7 +174,7 @@ class Hub:
         if op == "status":
             return {"stats": self.stats, "faults": self.faults.as_dict(),
                     "handlers": {str(i): {m: t for m, (t, _) in h.items()} for i, h in self.handlers.items()},
-                    "in_flight": len(self.tasks)}
+                    "in_flight": len(self.tasks), "delivery_ms": self.delivery_percentiles()}
         if op == "partition":
             groups = [[int(x) for x in g] for g in req["groups"]]
             for g in groups:
@@ -177,6 +189,9 @@ class Hub:
             for s, d in req["links"]:
                 self.faults.cut.add((int(s), int(d)))
             return {"cut": sorted(list(c) for c in self.faults.cut)}
+        if op == "reset_stats":
+            self.delivery_s.clear()
+            return {"ok": True}
         if op == "heal":
             self.faults.cut = set()
             if req.get("all"):
