@@ -412,8 +412,10 @@ def replay(tree, flake_out, flake_args, tmp_path_factory) -> Replay:
     py = venv / "bin" / "python"
     tools = [PIP_NAME.get(n, n) for n in flake_args["build-system"] + flake_args["nativeBuildInputs"]
              + flake_args["dependencies"] + flake_args["nativeCheckInputs"]]
+    # --no-compile: byte-compiling grpcio-tools and friends is most of the CPU cost
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
-    run([py, "-m", "pip", "install", "-q", "-c", ROOT / "requirements.txt", *tools], timeout=900, env=env)
+    run([py, "-m", "pip", "install", "-q", "--no-compile", "-c", ROOT / "requirements.txt", *tools],
+        timeout=900, env=env)
     replay = Replay(venv, source, work)
     run(["bash", "-euc", flake_args["preBuild"]], cwd=source, env=replay.env())
     run([py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "."], cwd=source, env=env,
