@@ -49,7 +49,7 @@ __all__ = ["DiskStorage", "STORE_DIR"]
 
 STORE_DIR = "raft-store"
 LOCK_FILE = "raft-store.lock"
-DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
+DEFAULT_SEGMENT_BYTES = 8 * 1024 * 1024  # bounds replay: segments go once two snapshots cover them
 _U64 = struct.Struct("<Q")
 _UNKNOWN_TERM = -1  # replay: the boundary term lies in a deleted segment
 
@@ -526,6 +526,8 @@ class DiskStorage:
 
     def set_hardstate(self, hs: pb.HardState) -> None:
         self._writer.check()
+        if hs == self._hard_state:
+            return  # nothing new to make durable
         self._hard_state = _copy(hs)
         self._writer.add(Kind.HARDSTATE, hs.SerializeToString())
 
