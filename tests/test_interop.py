@@ -417,3 +417,75 @@ def test_randomized_mixed_cluster(make_cluster, seed, flags):
     converge(c)
     assert proposed > 50 and len(c.leaders_by_term) > 1, "the run should have seen elections and proposals"
     c.assert_clean(allowed=DROPPED)
+
+
+# ---------------------------------------------------------------- differential
+# The same probe on a Python subject and on an etcd subject must observe the same thing.
+
+def probe_check_quorum_step_down(c: MixedCluster) -> tuple:
+    """Ticks until an isolated leader with CheckQuorum steps down (thesis §6.2)."""
+    elect(c, 1)
+    c.partitioned.add(1)
+    for k in range(1, 60):
+        c.tick([1])
+        if c.nodes[1].state != "StateLeader":
+            return k, c.nodes[1].state, c.nodes[1].lead
+    return None, c.nodes[1].state, c.nodes[1].lead
+
+
+def probe_transfer_to_unreachable(c: MixedCluster) -> tuple:
+    """A transfer to a cut-off node: proposals are refused until it is abandoned after one
+    election timeout (thesis §3.10), then accepted again."""
+    elect(c, 1)
+    c.partitioned.add(2)
+    c.transfer(1, 2)
+    refused = []
+    for k in range(25):
+        before = len(c.nodes[1].errors)
+        c.propose(1, [b"during-transfer-%d" % k])
+        refused.append(len(c.nodes[1].errors) - before)
+        c.tick([1])
+    c.nodes[1].errors.clear()   # the refusals were the point of this probe
+    return tuple(refused), c.status(1)["leadtransferee"], c.nodes[1].state
+
+
+def probe_pre_vote_rejoin(c: MixedCluster) -> tuple:
+    """With pre-vote, node 3 cut off for 60 ticks does not raise its term and, back again,
+    does not depose the leader (thesis §9.6)."""
+    elect(c, 1)
+    term = c.status(1)["term"]
+    c.partitioned.add(3)
+    c.tick([3], rounds=60)
+    cut_off = (c.status(3)["term"] - term, c.nodes[3].state)
+    c.heal()
+    c.tick([1], rounds=2)
+    return cut_off, c.status(1)["term"] - term, c.nodes[1].state, c.nodes[3].lead
+
+
+def probe_election_timeouts(c: MixedCluster) -> tuple:
+    """An isolated node campaigns again and again: every gap between its terms is a randomized
+    election timeout in [election_tick, 2 * election_tick) (paper §5.2)."""
+    c.partitioned.add(1)
+    terms = []
+    for _ in range(150):
+        c.tick([1])
+        terms.append(c.hard_states[1][-1].term if c.hard_states[1] else 0)
+    bumps = [k for k in range(1, len(terms)) if terms[k] != terms[k - 1]]
+    gaps = [b - a for a, b in zip([-1] + bumps, bumps, strict=False)]
+    return all(10 <= g < 20 for g in gaps), len(gaps) >= 7, c.nodes[1].state
+
+
+@pytest.mark.parametrize("probe,flags,sane", [
+    (probe_check_quorum_step_down, ["-checkquorum"], lambda o: o[0] is not None and o[1] == "StateFollower"),
+    (probe_transfer_to_unreachable, [], lambda o: o[0][0] == 1 and o[0][-1] == 0 and o[1] == "0"),
+    (probe_pre_vote_rejoin, ["-prevote"], lambda o: o[0][0] == 0 and o[1] == 0 and o[3] == 1),
+    (probe_election_timeouts, [], lambda o: o[0] and o[1]),
+], ids=["check-quorum", "transfer-unreachable", "pre-vote", "election-timeouts"])
+def test_differential_python_vs_etcd(make_cluster, probe, flags, sane):
+    seen = {}
+    for layout in ("PEP", "EPE"):
+        c = make_cluster(layout, extra={i: flags for i in (1, 2, 3)})
+        seen[layout] = probe(c)
+        c.assert_clean()
+    assert sane(seen["EPE"]), f"the probe itself is off: etcd saw {seen['EPE']}"
+    assert seen["PEP"] == seen["EPE"], f"Python subject saw {seen['PEP']}, etcd subject saw {seen['EPE']}"
