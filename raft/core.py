@@ -137,6 +137,14 @@ class Raft:
         hs = rs.hard_state
         if hs.term or hs.vote or hs.commit:
             self._load_state(hs)
+        last_term = self.log.last_term()
+        if self.term < last_term:
+            # Every entry comes from a leader of a term <= ours; a store that lost the term
+            # (e.g. a bootstrap snapshot without a hard state) would otherwise let us lead a
+            # lower term than our log and break the up-to-date check (§5.4.1).
+            self._warn("hard state term is below the last log term, raising it", term=self.term, last_term=last_term)
+            self.term = last_term
+            self.vote = INVALID_ID
         if config.applied > 0:
             self.log.applied_to(min(config.applied, self.log.committed))
             self.log.applying = max(self.log.applying, self.log.applied)

@@ -470,3 +470,17 @@ def test_learner_replicates_but_does_not_vote_or_count():
     net.isolate(3)
     net.propose(1, b"b")
     assert net.nodes[1].normal_data() == [b"a"], "a learner's ack must not count towards commit"
+
+
+def test_term_is_never_below_the_last_log_term_at_start():
+    s = MemoryStorage()
+    snap = pb.Snapshot()
+    snap.metadata.index = 5
+    snap.metadata.term = 5
+    snap.metadata.conf_state.voters.extend([1, 2, 3])
+    s.apply_snapshot(snap)
+    s.hard_state = pb.HardState()  # a store that forgot the term
+    r = RawNode(Config(id=1), s, rng=random.Random(1))
+    assert r.raft.term == 5
+    r.campaign()
+    assert r.raft.term == 6
