@@ -1,5 +1,7 @@
 """ConfChangeV2: simple changes, joint consensus with auto-leave (thesis §4.3), restore from ConfState."""
 
+import random
+
 import pytest
 
 from cita_raft_pb import eraftpb_pb2 as pb
@@ -207,3 +209,32 @@ def test_node_does_not_campaign_with_unapplied_conf_change():
     n2.raft.log.commit_to(n2.raft.log.last_index())
     n2.raw.campaign()
     assert n2.raft.state == StateRole.Follower
+
+
+def test_random_change_sequences_keep_invariants_and_round_trip():
+    """Seeded property check: whatever sequence of changes is accepted, the configuration
+    stays well formed and a ConfState round-trips through restore()."""
+    rng = random.Random(11)
+    kinds = ["add", "remove", "learner"]
+    for _ in range(200):
+        t = tracker_with([1, 2, 3])
+        for _ in range(8):
+            if t.conf.is_joint() and rng.random() < 0.5:
+                cc = pb.ConfChangeV2()
+            else:
+                n = rng.choice([1, 1, 2, 3])
+                cc = conf_change(*[(rng.choice(kinds), rng.randint(1, 6)) for _ in range(n)])
+            before = t.conf.to_conf_state()
+            try:
+                cs = install(t, cc)
+            except ConfChangeError:
+                assert t.conf.to_conf_state() == before, "a refused change must not alter the config"
+                continue
+            voters = set(cs.voters) | set(cs.voters_outgoing)
+            assert cs.voters, "never zero voters"
+            assert not (set(cs.learners) & voters)
+            assert set(cs.learners_next) <= set(cs.voters_outgoing)
+            assert set(t.progress) == voters | set(cs.learners) | set(cs.learners_next)
+            fresh = ProgressTracker(16)
+            restore(fresh, 10, cs)
+            assert fresh.conf.to_conf_state() == cs
