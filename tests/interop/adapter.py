@@ -173,23 +173,29 @@ class AdapterNode:
         """One input frame; False on exit."""
         rn = self.rn
         try:
-            if op == b"t":
+            # the frequent frames first: step, sync, propose, tick
+            if op == b"s":
+                m = pb.Message()
+                m.ParseFromString(p)
+                rn.step(m)
+            elif op == b"y":
+                self.handle_ready()
+                # with no Ready pending, the persisted hard state holds the current commit
+                commit = self.storage.hard_state.commit
+                self.emit(b"K", b"%d %d %d" % (commit, self.applied, self.storage.last_index()))
+            elif op == b"p":
+                rn.propose(p)
+            elif op == b"t":
                 for _ in range(int(p or b"1")):
                     rn.tick()
             elif op == b"c":
                 rn.campaign()
-            elif op == b"p":
-                rn.propose(bytes(p))
             elif op == b"v":
                 cc = pb.ConfChangeV2()
                 cc.ParseFromString(p)
                 rn.propose_conf_change(cc)
             elif op == b"x":
                 rn.transfer_leader(int(p))
-            elif op == b"s":
-                m = pb.Message()
-                m.ParseFromString(p)
-                rn.step(m)
             elif op == b"q":
                 self.emit(b"Q", self.status_json())
             elif op == b"u":
@@ -199,11 +205,6 @@ class AdapterNode:
                 rn.report_snapshot(int(pid), ok == b"ok")
             elif op == b"k":
                 self.compact(p)
-            elif op == b"y":
-                self.handle_ready()
-                # with no Ready pending, the persisted hard state holds the current commit
-                commit = self.storage.hard_state.commit
-                self.emit(b"K", b"%d %d %d" % (commit, self.applied, self.storage.last_index()))
             elif op == b"z":
                 return False
             else:
