@@ -442,9 +442,11 @@ def test_replay_runs_the_flake_cli_check(replay, tree):
     script = flake_eval(tree, f"checks.{SYSTEM}.cli.stubScript", raw=True)
     assert f"git version: {tree.short_rev}" in script
     out = replay.work / "cli-check-out"
-    proc = run(["bash", "-c", script], cwd=replay.work, env=dict(replay.env(), out=str(out)), check=False,
-               timeout=120)
+    ports = {f"CHECK_{name}_PORT": str(closed_port()) for name in ("GRPC", "NETWORK", "CONTROLLER")}
+    proc = run(["bash", "-c", script], cwd=replay.work, env=dict(replay.env(), out=str(out), **ports),
+               check=False, timeout=120)
     assert proc.returncode == 0 and out.exists(), f"checks.cli failed on the pip build:\n{proc.stderr[-3000:]}"
+    assert (replay.work / "check" / "data" / "raft-data-dir").is_dir()
 
 
 def test_replay_test_suite_collects(replay, flake_args):
