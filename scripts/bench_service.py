@@ -72,6 +72,48 @@ def grpc_round_trip(n: int) -> dict:
     return {"calls": n, "per_s": n / total, "p50_ms": pct(lat, 50) * 1000, "p99_ms": pct(lat, 99) * 1000}
 
 
+def hub_round_trip(base: str, n: int) -> dict:
+    """The simulator's own cost: SendMsg to the hub -> ProcessNetworkMsg on a trivial
+    handler in this process, one message at a time."""
+    import queue
+
+    from cita_raft_pb import common_pb2, network_pb2, network_pb2_grpc
+    from devnet.layout import origin_of
+
+    dn = Devnet.create(os.path.join(base, "hub-only"), nodes=2)
+    got: queue.Queue = queue.Queue()
+
+    class Handler(network_pb2_grpc.NetworkMsgHandlerServiceServicer):
+        def ProcessNetworkMsg(self, request, context):
+            got.put(time.perf_counter())
+            return common_pb2.StatusCode(code=0)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    network_pb2_grpc.add_NetworkMsgHandlerServiceServicer_to_server(Handler(), server)
+    server.add_insecure_port(f"127.0.0.1:{dn.spec.consensus_port(1)}")
+    server.start()
+    lat = []
+    try:
+        dn.start_hub()
+        with grpc.insecure_channel(f"127.0.0.1:{dn.spec.network_port(0)}") as c0, \
+                grpc.insecure_channel(f"127.0.0.1:{dn.spec.network_port(1)}") as c1:
+            network_pb2_grpc.NetworkServiceStub(c1).RegisterNetworkMsgHandler(network_pb2.RegisterInfo(
+                module_name="consensus", hostname="localhost", port=str(dn.spec.consensus_port(1))))
+            send = network_pb2_grpc.NetworkServiceStub(c0).SendMsg
+            msg = network_pb2.NetworkMsg(module="consensus", type="raft", origin=origin_of(dn.spec.address(1)),
+                                         msg=b"x" * 100)
+            for k in range(n + 50):
+                t0 = time.perf_counter()
+                send(msg, timeout=5)
+                t1 = got.get(timeout=5)
+                if k >= 50:
+                    lat.append(t1 - t0)
+    finally:
+        dn.down()
+        server.stop(0)
+    return {"messages": n, "p50_ms": pct(lat, 50) * 1000, "p99_ms": pct(lat, 99) * 1000}
+
+
 def start_devnet(d: str, nodes: int, block_interval: int, ticks: dict) -> tuple[Devnet, list[float]]:
     dn = Devnet.create(d, nodes=nodes, block_interval=block_interval, **ticks)
     dn.start_hub()
@@ -199,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         out["grpc_round_trip"] = rt = grpc_round_trip(2000)
         print(f"bare gRPC unary round trip: p50 {rt['p50_ms']:.3f} ms, p99 {rt['p99_ms']:.3f} ms, "
               f"{rt['per_s']:.0f} calls/s", flush=True)
+        out["hub_round_trip"] = hr = hub_round_trip(base, 1000)
+        print(f"network hub alone, SendMsg -> handler: p50 {hr['p50_ms']:.3f} ms, p99 {hr['p99_ms']:.3f} ms",
+              flush=True)
         runs = []
         for nodes in (3, 4):
             for bi in (0, 3):
@@ -228,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{f['election_timeout_s']:.1f} s, block_interval {f['block_interval']}): "
                   f"kill -9 leader -> next block {fmt(f['rounds'], '.2f')} s "
                   f"(target <= {f['target_s']:.2f} s)")
-        print(f"bare gRPC round trip p50 {rt['p50_ms']:.3f} ms ({rt['per_s']:.0f}/s) on {os.cpu_count()} cores")
+        print(f"bare gRPC round trip p50 {rt['p50_ms']:.3f} ms ({rt['per_s']:.0f}/s) on {os.cpu_count()} cores; "
+              f"hub alone SendMsg->handler p50 {hr['p50_ms']:.3f} ms")
+        print("hub ms: p50 of the hub's ProcessNetworkMsg calls into consensus during the run")
     except BaseException:
         print(f"benchmark failed; devnet dirs and logs kept in {base}", flush=True)
         raise
