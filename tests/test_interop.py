@@ -475,12 +475,39 @@ def probe_election_timeouts(c: MixedCluster) -> tuple:
     return all(10 <= g < 20 for g in gaps), len(gaps) >= 7, c.nodes[1].state
 
 
+def probe_conf_change_refusals(c: MixedCluster) -> tuple:
+    """A second conf change while one is pending, and one proposed in a joint config, are
+    turned into empty normal entries (etcd and raft-rs alike); an explicit joint change is left
+    by an empty ConfChangeV2 (thesis §4.3)."""
+    def cc(*changes, transition=E.Auto):
+        return E.ConfChangeV2(transition=transition, changes=[
+            E.ConfChangeSingle(change_type=t, node_id=n) for t, n in changes])
+    elect(c, 1)
+    c.run({1: [frame(b"v", cc((E.AddNode, 4)).SerializeToString()),
+               frame(b"v", cc((E.AddNode, 5)).SerializeToString())]})
+    c.tick([1], rounds=2)
+    c.propose_cc(1, cc((E.AddNode, 6), (E.RemoveNode, 4), transition=E.Explicit))
+    c.propose_cc(1, cc((E.AddNode, 7)))
+    c.propose_cc(1, E.ConfChangeV2())
+    c.tick([1], rounds=2)
+    entries = []
+    for idx, term, typ, data in c.committed(1):
+        # compare decoded values: etcd writes proto2 (zero fields present), Python proto3
+        entries.append((idx, term, typ, str(E.ConfChangeV2.FromString(data)) if typ == E.EntryConfChangeV2 else data))
+    return tuple(entries), tuple(cs_key(cs) for cs in c.conf_states[1])
+
+
 @pytest.mark.parametrize("probe,flags,sane", [
-    (probe_check_quorum_step_down, ["-checkquorum"], lambda o: o[0] is not None and o[1] == "StateFollower"),
-    (probe_transfer_to_unreachable, [], lambda o: o[0][0] == 1 and o[0][-1] == 0 and o[1] == "0"),
-    (probe_pre_vote_rejoin, ["-prevote"], lambda o: o[0][0] == 0 and o[1] == 0 and o[3] == 1),
-    (probe_election_timeouts, [], lambda o: o[0] and o[1]),
-], ids=["check-quorum", "transfer-unreachable", "pre-vote", "election-timeouts"])
+    pytest.param(probe_check_quorum_step_down, ["-checkquorum"],
+                 lambda o: o[0] is not None and o[1] == "StateFollower", id="check-quorum"),
+    pytest.param(probe_transfer_to_unreachable, [],
+                 lambda o: o[0][0] == 1 and o[0][-1] == 0 and o[1] == "0", id="transfer-unreachable"),
+    pytest.param(probe_pre_vote_rejoin, ["-prevote"],
+                 lambda o: o[0][0] == 0 and o[1] == 0 and o[3] == 1, id="pre-vote"),
+    pytest.param(probe_election_timeouts, [], lambda o: o[0] and o[1], id="election-timeouts"),
+    pytest.param(probe_conf_change_refusals, [],
+                 lambda o: len(o[1]) == 3 and o[1][1][2] == [1, 2, 3, 4], id="conf-change-refusals"),
+])
 def test_differential_python_vs_etcd(make_cluster, probe, flags, sane):
     seen = {}
     for layout in ("PEP", "EPE"):
@@ -489,3 +516,38 @@ def test_differential_python_vs_etcd(make_cluster, probe, flags, sane):
         c.assert_clean()
     assert sane(seen["EPE"]), f"the probe itself is off: etcd saw {seen['EPE']}"
     assert seen["PEP"] == seen["EPE"], f"Python subject saw {seen['PEP']}, etcd subject saw {seen['EPE']}"
+
+
+@pytest.mark.parametrize("layout", ["PEEE", "EPPP", "PEPE", "EPEP"])
+def test_snapshot_of_a_joint_config(make_cluster, layout):
+    """Explicit joint change {add 4, remove 3} while 4 is cut off; the leader compacts inside the
+    joint config, so 4 joins by a snapshot whose ConfState is joint (voters_outgoing set); then
+    an explicit leave, and 4 can lead the final config."""
+    c = make_cluster(layout, voters=[1, 2, 3])
+    elect(c, 1)
+    c.propose(1, [b"before-%d" % k for k in range(5)])
+    c.partitioned.add(4)
+    c.propose_cc(1, E.ConfChangeV2(transition=E.Explicit, changes=[
+        E.ConfChangeSingle(change_type=E.AddNode, node_id=4),
+        E.ConfChangeSingle(change_type=E.RemoveNode, node_id=3)]))
+    c.propose(1, [b"joint-%d" % k for k in range(5)])
+    c.compact(1)
+    c.heal()
+    c.tick([1])
+    joint = ([1, 2, 4], [], [1, 2, 3], [], False)
+    final = ([1, 2, 4], [], [], [], False)
+    metas = c.snap_metas[4]
+    assert len(metas) == 1 and cs_key(metas[0].conf_state) == joint, \
+        f"node 4 ({c.layout[4]}) installed {[(m.index, cs_key(m.conf_state)) for m in metas]}"
+    c.propose_cc(1, E.ConfChangeV2())
+    c.tick([1])
+    for i in (1, 2, 4):
+        assert cs_key(c.conf_states[i][-1]) == final, f"node {i} ({c.layout[i]}) ended in {c.conf_states[i][-1:]}"
+    c.transfer(1, 4)
+    assert c.leader_of([1, 2, 4]) == 4, c.roles()
+    c.propose(4, [b"led-by-4"])
+    for i in (1, 2, 4):
+        assert c.data_log(i)[-1] == b"led-by-4"
+    after = [e for e in c.committed(1) if e[0] > metas[0].index]
+    assert [e for e in c.committed(4) if e[0] > metas[0].index] == after
+    c.assert_clean(allowed=("peer not found", "StepPeerNotFound"))
