@@ -36,11 +36,17 @@ def entry_data(index: int, term: int) -> bytes:
     return b"%d/%d/" % (index, term) + b"x" * ((index * 7 + term * 13) % 700)
 
 
-def run(path: str, seed: int, out_fd: int) -> None:
-    """Append, sync and report forever (until killed)."""
+def quiet_logger() -> logging.Logger:
+    """A disabled logger: it never takes the logging module's lock, which a
+    thread of the forking parent might have held at fork time."""
     log = logging.getLogger("crash-child")
-    log.propagate = False
-    log.addHandler(logging.NullHandler())
+    log.disabled = True
+    return log
+
+
+def run(path: str, seed: int, out_fd: int, log: logging.Logger | None = None) -> None:
+    """Append, sync and report forever (until killed)."""
+    log = log or quiet_logger()
     rng = random.Random(seed)
     s = DiskStorage.open(path, logger=log, segment_bytes=SEGMENT_BYTES)
 

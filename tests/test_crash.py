@@ -22,7 +22,7 @@ import tempfile
 import time
 
 from raft.disk import DiskStorage
-from tests.crash_child import SEGMENT_BYTES, entry_data, run
+from tests.crash_child import SEGMENT_BYTES, entry_data, quiet_logger, run
 
 LOG = logging.getLogger("test.crash")
 READ_TIMEOUT = 20.0  # seconds without a line from the child = a hung child
@@ -56,12 +56,13 @@ class Model:
 
 def spawn(path: str, seed: int) -> tuple[int, int]:
     r, w = os.pipe()
+    log = quiet_logger()  # made before the fork: the child takes no logging lock
     pid = os.fork()
     if pid == 0:  # child: never return into pytest
         code = 0
         try:
             os.close(r)
-            run(path, seed, w)
+            run(path, seed, w, log)
         except BaseException:
             code = 70
         finally:
