@@ -21,6 +21,7 @@ machine runs these checks instead of skipping them. One venv is built per run.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -524,6 +525,41 @@ def closed_port() -> int:
 
 def probe(replay: Replay, *args: str, name: str = "grpc-health-probe") -> subprocess.CompletedProcess:
     return run([replay.bin(name), *args], cwd=replay.work, env=replay.env(), check=False, timeout=60)
+
+
+def _probe_module():
+    spec = importlib.util.spec_from_file_location("grpc_health_probe_under_test",
+                                                  ROOT / "scripts" / "grpc_health_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("text", "seconds", "go_string"), [
+    ("1s", 1.0, "1s"), ("1.5s", 1.5, "1.5s"), ("300ms", 0.3, "300ms"), ("1m30s", 90.0, "1m30s"),
+    ("1h", 3600.0, "1h0m0s"), (".5s", 0.5, "500ms"), ("250us", 0.00025, "250µs"), ("0", 0.0, "0s"),
+    ("-1s", -1.0, "-1s"),
+])
+def test_probe_durations_follow_go(text, seconds, go_string):
+    module = _probe_module()
+    assert module.parse_duration(text) == pytest.approx(seconds)
+    assert module.format_duration(module.parse_duration(text)) == go_string
+
+
+@pytest.mark.parametrize("text", ["1", "", "s", "1x", "1s2"])
+def test_probe_rejects_what_go_rejects(text):
+    with pytest.raises(ValueError):
+        _probe_module().parse_duration(text)
+
+
+def test_probe_flags_parse_like_go():
+    module = _probe_module()
+    opts = module.parse_args(["--addr=h:1", "-service", "s", "-v=false", "-gzip", "-rpc-header", "a:  b",
+                              "-connect-timeout", "2s", "positional", "-addr=ignored"])
+    assert (opts.addr, opts.service, opts.verbose, opts.gzip, opts.connect_timeout) == ("h:1", "s", False, True, 2.0)
+    assert opts.rpc_headers == [("a", "b")]
+    assert module.parse_args(["-addr", "x", "--", "-nonsense"]).addr == "x"
 
 
 @pytest.mark.parametrize("name", ["grpc-health-probe", "grpc_health_probe"])
