@@ -74,6 +74,8 @@
           # The installed commands answer as the container image needs them to.
           cli = pkgs.runCommand "consensus-raft-cli-check" {
             nativeBuildInputs = [ self.packages.${system}.default ];
+            # the script runs the service and probes it on loopback
+            __darwinAllowLocalNetworking = true;
           } (import ./nix/cli-check.nix { inherit gitRev; });
         }
       );

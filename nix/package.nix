@@ -73,6 +73,11 @@ python3Packages.buildPythonApplication {
     "-m"
     "not slow"
   ];
+  # The tests start gRPC servers and real service processes on loopback.
+  __darwinAllowLocalNetworking = true;
+  preCheck = ''
+    export HOME=$(mktemp -d)
+  '';
   # tests/service imports consensus.py, which monkey-patches the whole
   # process with gevent: as in `make test`, it gets its own pytest process.
   postCheck = ''
