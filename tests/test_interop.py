@@ -245,10 +245,12 @@ def test_lagging_node_caught_up_by_snapshot(make_cluster, layout, lagging):
 
 # ---------------------------------------------------------------- partitions
 
+@pytest.mark.parametrize("compact", [False, True], ids=["log", "snapshot"])
 @pytest.mark.parametrize("layout", ["PEE", "PEEPE", "EPP", "EPPEP"])
-def test_partitioned_old_leader_rejoins(make_cluster, layout):
+def test_partitioned_old_leader_rejoins(make_cluster, layout, compact):
     """Old leader 1 is cut off with uncommitted entries; 2 wins a later term; on healing 1 steps
-    down at the higher term and its uncommitted tail is overwritten (Raft §5.3, §5.4)."""
+    down at the higher term and its uncommitted tail is overwritten (Raft §5.3, §5.4) -- or, if
+    2 compacted its log meanwhile, replaced by 2's snapshot (§7)."""
     c = make_cluster(layout)
     elect(c, 1)
     c.propose(1, [b"committed-%d" % k for k in range(5)])
@@ -260,15 +262,26 @@ def test_partitioned_old_leader_rejoins(make_cluster, layout):
     assert c.leader_of(others) == 2, c.roles()
     c.propose(2, [b"new-term-%d" % k for k in range(10)])
     assert c.status(1)["raftState"] == "StateLeader", "the cut-off leader does not know yet"
+    if compact:
+        c.compact(2)
     c.heal()
     c.tick([2])
     c.propose(2, [b"healed"])
     term = assert_same_term_and_leader(c, c.nodes, 2)
     assert term > old_term
-    assert_logs_identical(c, c.nodes)
     expect = [b"committed-%d" % k for k in range(5)] + [b"new-term-%d" % k for k in range(10)] + [b"healed"]
-    for i in c.nodes:
-        assert c.data_log(i) == expect, f"node {i} ({c.layout[i]}) applied {c.data_log(i)}"
+    if compact:
+        snaps = c.snap_metas[1]
+        assert len(snaps) == 1, f"the old leader ({c.layout[1]}) installed {len(snaps)} snapshots"
+        assert c.data_log(1) == expect[:5] + [b"healed"], f"old leader applied {c.data_log(1)}"
+        assert [e for e in c.committed(1) if e[0] > snaps[0].index] == \
+            [e for e in c.committed(2) if e[0] > snaps[0].index]
+        assert_logs_identical(c, [i for i in c.nodes if i != 1])
+    else:
+        assert_logs_identical(c, c.nodes)
+        for i in c.nodes:
+            assert c.data_log(i) == expect, f"node {i} ({c.layout[i]}) applied {c.data_log(i)}"
+    assert not any(b"stale" in d for i in c.nodes for d in c.data_log(i))
     c.assert_clean()
 
 
