@@ -102,3 +102,10 @@ image:
 .PHONY: soak
 soak: setup
 	$(PY) -m tests.sim --soak $(or $(SEEDS),10000) --start $(or $(START),0) --storage $(or $(STORAGE),memory) --jobs $(or $(JOBS),2)
+
+# interop soak (not in CI): the randomized mixed etcd/Python cluster test with
+# SEEDS seeds x STEPS router rounds per layout
+.PHONY: soak-interop
+soak-interop: setup
+	INTEROP_SOAK_SEEDS=$(or $(SEEDS),30) INTEROP_SOAK_STEPS=$(or $(STEPS),1500) \
+		$(PY) -m pytest -q tests/test_interop.py -k randomized
