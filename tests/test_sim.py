@@ -174,3 +174,11 @@ def test_checker_rejects_acks_ahead_of_durable_state():
     with pytest.raises(InvariantViolation, match="append ack before persisted"):
         ck.on_send(1, ack, pb.HardState(term=5), 11)
     ck.on_send(1, ack, pb.HardState(term=5), 12)
+
+
+def test_checker_rejects_vote_requests_before_the_self_vote_is_durable():
+    ck = Checker()
+    req = pb.Message(msg_type=pb.MsgRequestVote, to=2, term=6)
+    with pytest.raises(InvariantViolation, match="self-vote persisted"):
+        ck.on_send(1, req, pb.HardState(term=6, vote=0), 10)
+    ck.on_send(1, req, pb.HardState(term=6, vote=1), 10)

@@ -225,6 +225,14 @@ class Checker:
                     f"hard state is term={durable_hs.term} vote={durable_hs.vote}"
                 )
             self.on_vote(node, m.term, m.to, "granted")
+        elif m.msg_type == pb.MsgRequestVote:
+            # The candidate's own vote counts toward its quorum: it must be durable
+            # before anyone is asked, or a restart could vote for someone else in m.term.
+            if durable_hs.term < m.term or (durable_hs.term == m.term and durable_hs.vote != node):
+                raise InvariantViolation(
+                    f"vote request before self-vote persisted: node {node} asks {m.to} for term={m.term} while "
+                    f"its durable hard state is term={durable_hs.term} vote={durable_hs.vote}"
+                )
         elif m.msg_type == pb.MsgAppendResponse and not m.reject:
             if m.index > durable_last:
                 raise InvariantViolation(

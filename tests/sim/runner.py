@@ -287,7 +287,14 @@ class Simulation:
     def commit_after_heal(self, label: str) -> int:
         """Propose until a new entry commits and every member applied everything; ticks used."""
         p = self.params
-        limit = p.heal_ticks * p.tick_every
+        # Catching up is one round trip per append (one entry each with
+        # max_size_per_msg=0, and max_inflight_msgs may be 1), so the bound grows
+        # with the longest log a member must receive.
+        lag = max((n.raw.status().last_index for n in self.live_nodes()), default=0) - min(
+            (self.nodes[m].applied for m in self.members() if m in self.nodes), default=0
+        )
+        heal_ticks = p.heal_ticks + 4 * max(lag, 0)
+        limit = heal_ticks * p.tick_every
         start = self.now
         proposed: list[bytes] = []
         last_try = -(10**9)
@@ -321,7 +328,7 @@ class Simulation:
             lead = f"leader n{leader.id} term={st.term} commit={st.commit} last={st.last_index} progress={st.progress}"
         raise SimFailure(
             f"liveness: {label}: no new proposal committed and applied on all members within "
-            f"{p.heal_ticks} ticks after healing (committed={self.checker.last_committed}; {states}; {lead})"
+            f"{heal_ticks} ticks after healing (committed={self.checker.last_committed}; {states}; {lead})"
         )
 
     def crash_all(self) -> None:
