@@ -2,9 +2,14 @@
 
 Owns the `raft-store/` directory under `raft_data_path`:
 
-    raft-store/wal/<seq>.wal        segmented WAL (raft/wal.py)
+    raft-store/wal/<seq>.wal, LAST  segmented WAL (raft/wal.py)
     raft-store/snap/<i>-<t>.snap    the newest two snapshots (raft/snapshot.py)
     raft-store.lock                 flock: one writer per directory
+    raft-snapshot, raft-entry, abort_height   the Rust service's files, if
+                                    any: imported once, never modified
+
+A WAL segment is deleted once the *older* of the two kept snapshots covers
+it, so a damaged newest snapshot can always fall back to the older one.
 
 It serves the core's reads from memory (`_entries` plus the boundary
 index/term below them, like MemoryStorage's dummy entry) and writes every
