@@ -214,20 +214,20 @@ class RaftLog:
             return []
         if max_size == 0:
             hi = lo + 1  # raft-rs: a zero limit still returns exactly one entry
+        u = self.unstable
+        off = u.offset
+        if hi > off + len(u.entries):
+            raise RaftError(f"slice({lo}, {hi}) out of bound, last index {self.last_index()}")
+        if lo >= off:
+            # Entirely in the unstable tail (which never starts below first_index()).
+            return limit_size(u.entries[lo - off : hi - off], max_size)
         first = self.first_index()
         if lo < first:
             raise Compacted(f"slice({lo}, {hi}): compacted, first index {first}")
-        last = self.last_index()
-        if hi > last + 1:
-            raise RaftError(f"slice({lo}, {hi}) out of bound, last index {last}")
-        u = self.unstable
-        if lo >= u.offset:
-            ents = u.entries[lo - u.offset : hi - u.offset]
-            return limit_size(ents, max_size)
-        stored = self.storage.entries(lo, min(hi, u.offset), max_size)
-        if hi <= u.offset or len(stored) < min(hi, u.offset) - lo:
+        stored = self.storage.entries(lo, min(hi, off), max_size)
+        if hi <= off or len(stored) < min(hi, off) - lo:
             return stored
-        combined = stored + u.entries[: hi - u.offset]
+        combined = stored + u.entries[: hi - off]
         return limit_size(combined, max_size)
 
     def next_entries(self, max_size: int | None = None) -> list[pb.Entry]:

@@ -68,6 +68,7 @@ class MemoryStorage:
         self.conf_state = pb.ConfState()
         self._snapshot = pb.Snapshot()
         self._ents: list[pb.Entry] = [pb.Entry()]
+        self._offset = 0  # == self._ents[0].index, kept as an int for the hot paths
 
     @classmethod
     def new_with_conf_state(cls, voters: list[int], learners: list[int] | None = None) -> MemoryStorage:
@@ -87,13 +88,13 @@ class MemoryStorage:
         return RaftState(hs, cs)
 
     def first_index(self) -> int:
-        return self._ents[0].index + 1
+        return self._offset + 1
 
     def last_index(self) -> int:
-        return self._ents[0].index + len(self._ents) - 1
+        return self._offset + len(self._ents) - 1
 
     def term(self, index: int) -> int:
-        offset = self._ents[0].index
+        offset = self._offset
         if index < offset:
             raise Compacted(f"term({index}): compacted, first index {offset + 1}")
         i = index - offset
@@ -102,7 +103,7 @@ class MemoryStorage:
         return self._ents[i].term
 
     def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[pb.Entry]:
-        offset = self._ents[0].index
+        offset = self._offset
         if lo <= offset:
             raise Compacted(f"entries({lo}, {hi}): compacted, first index {offset + 1}")
         if hi > self.last_index() + 1:
@@ -140,7 +141,7 @@ class MemoryStorage:
         if start < first:
             entries = entries[first - start :]
             start = first
-        offset = self._ents[0].index
+        offset = self._offset
         if start > self.last_index() + 1:
             raise StorageError(f"append at {start} leaves a gap after last index {self.last_index()}")
         del self._ents[start - offset :]
@@ -154,6 +155,7 @@ class MemoryStorage:
         self._snapshot = pb.Snapshot()
         self._snapshot.CopyFrom(snap)
         self._ents = [pb.Entry(term=meta.term, index=meta.index)]
+        self._offset = meta.index
         self.conf_state = pb.ConfState()
         self.conf_state.CopyFrom(meta.conf_state)
         if self.hard_state.commit < meta.index:
@@ -177,7 +179,7 @@ class MemoryStorage:
 
     def compact(self, index: int) -> None:
         """Drop entries below `index`; the entry at `index - 1` becomes the dummy."""
-        offset = self._ents[0].index
+        offset = self._offset
         if index <= offset + 1:
             return
         if index > self.last_index() + 1:
@@ -185,6 +187,7 @@ class MemoryStorage:
         i = index - 1 - offset
         dummy = pb.Entry(index=self._ents[i].index, term=self._ents[i].term)
         self._ents = [dummy] + self._ents[i + 1 :]
+        self._offset = dummy.index
 
     def sync(self) -> None:
         """Nothing to make durable in memory."""
