@@ -109,6 +109,7 @@ class SimNode:
             applied=self.applied,
             max_size_per_msg=p.max_size_per_msg,
             max_inflight_msgs=p.max_inflight_msgs,
+            max_committed_size_per_ready=p.max_committed_size_per_ready,
             check_quorum=p.check_quorum,
             pre_vote=p.pre_vote,
         )

@@ -53,6 +53,7 @@ class Params:
     pre_vote: bool = False
     max_size_per_msg: int = 0
     max_inflight_msgs: int = 256
+    max_committed_size_per_ready: int = 0
     apply_defer: float = 0.0
     compact_every: int = 0
     chaos_steps: int = 800
@@ -84,6 +85,7 @@ class Params:
             pre_vote=rng.random() < 0.5,
             max_size_per_msg=rng.choice([0, 0, 64, 1 << 20]),
             max_inflight_msgs=rng.choice([1, 4, 256]),
+            max_committed_size_per_ready=rng.choice([0, 0, 1, 200]),
             apply_defer=rng.choice([0.0, 0.3, 0.8]),
             compact_every=rng.choice([0, 5, 20, 50]),
             chaos_steps=rng.choice([400, 600, 800]),
