@@ -437,6 +437,17 @@ def test_replay_imports_every_checked_module(replay, flake_args):
         assert str(replay.venv) in proc.stdout, f"{module} was not imported from the installed package"
 
 
+def test_replay_installs_every_service_module(replay):
+    """A new raft/ subpackage or module must reach the wheel (setuptools
+    only ships the packages pyproject.toml lists)."""
+    site = next((replay.venv / "lib").glob("python3*/site-packages"))
+    wanted = ["consensus.py", "_version.py", "cita_raft_tools/grpc_health_probe.py",
+              *(str(p.relative_to(replay.source)) for p in (replay.source / "raft").rglob("*.py")),
+              *(str(p.relative_to(replay.source)) for p in (replay.source / "cita_raft_pb").glob("*.py"))]
+    missing = [rel for rel in wanted if not (site / rel).is_file()]
+    assert missing == [], f"not installed by pip (list them in pyproject.toml [tool.setuptools]): {missing}"
+
+
 def test_replay_consensus_version_and_git_hash(replay, tree):
     version = run([replay.bin("consensus"), "-V"], cwd=replay.work, env=replay.env()).stdout
     assert version.strip() == f"consensus_raft {PROJECT['version']}"
