@@ -258,12 +258,12 @@ class DiskStorage:
                     raise corrupt(
                         path, scan.good_end, scan.damage + " (not the last segment, so not a torn write)"
                     )
-                if scan.valid_after is not None:
+                if scan.acknowledged_after is not None:
                     raise corrupt(
                         path,
                         scan.good_end,
-                        f"{scan.damage}, but a valid record follows at offset {scan.valid_after} "
-                        "(damage inside the log, not a torn write)",
+                        f"{scan.damage}, but a record written after a later sync follows at offset "
+                        f"{scan.acknowledged_after} (damage inside acknowledged data, not a torn write)",
                     )
                 cut = (path, scan.good_end, scan.size - scan.good_end, scan.damage)
             records = scan.records

@@ -13,17 +13,21 @@ Layout: `<dir>/<seq:016x>.wal`, seq counting up from 1 without gaps, and
 `<dir>/LAST` naming the newest seq (so a lost last segment is noticed). Every
 record is framed as
 
-    length: u32 LE | crc: u32 LE | kind: u8 | payload (length bytes)
+    length: u32 LE | crc: u32 LE | kind: u8 | batch: u32 LE | payload
 
-with `crc` = CRC-32 (zlib) over kind + payload. Payloads are eraftpb messages
+with `crc` = CRC-32 (zlib) over kind + batch + payload, and `batch` = the
+offset in the file where the record's sync batch began (the end of the
+previous sync). Payloads are eraftpb messages
 (see `Kind`). Each segment starts with a SEGMENT record followed by a
 checkpoint of the small state (hard state, conf state, applied state, abort
 height) so that older segments can be deleted without losing it.
 
 Torn tails: a crash during a write can leave a partial or zero-filled record
-at the end of the last segment. At open such a tail is cut (one warning naming
-the file and offset) provided no valid record follows the damaged spot;
-damage anywhere else raises `CorruptLog`.
+at the end of the last segment, or, after a power cut, a hole inside the last
+unsynced batch. At open such a tail is cut (one warning naming the file and
+offset) provided no valid record after the damage belongs to a later batch
+(which would prove the damaged bytes had been fsynced); damage anywhere else
+raises `CorruptLog`.
 """
 
 from __future__ import annotations
@@ -53,8 +57,9 @@ __all__ = [
     "segment_name",
 ]
 
-HEADER = struct.Struct("<IIB")
-HEADER_SIZE = HEADER.size  # 9
+HEADER = struct.Struct("<IIBI")
+HEADER_SIZE = HEADER.size  # 13
+_KIND_BATCH = struct.Struct("<BI")
 # A record longer than this is treated as damage, not as a request to read
 # gigabytes: the largest real payload is one entry (a block proposal).
 MAX_RECORD = 256 * 1024 * 1024
@@ -76,14 +81,14 @@ class Kind(enum.IntEnum):
 
 
 _VALID_KINDS = frozenset(int(k) for k in Kind)
-_KIND_SEED = {int(k): zlib.crc32(bytes([int(k)])) for k in Kind}
 # Candidate kind bytes when searching for a valid record after damage.
 _KIND_BYTE_RE = re.compile(b"[" + b"".join(re.escape(bytes([int(k)])) for k in Kind) + b"]")
 
 
-def encode_record(kind: int, payload: bytes) -> bytes:
-    """Frame one record."""
-    return HEADER.pack(len(payload), zlib.crc32(payload, _KIND_SEED[kind]), kind) + payload
+def encode_record(kind: int, payload: bytes, batch: int = 0) -> bytes:
+    """Frame one record; `batch` = offset in its file where its sync batch began."""
+    crc = zlib.crc32(payload, zlib.crc32(_KIND_BATCH.pack(kind, batch)))
+    return HEADER.pack(len(payload), crc, kind, batch) + payload
 
 
 def segment_name(seq: int) -> str:
@@ -146,7 +151,7 @@ class SegmentScan:
     good_end: int = 0  # offset just after the last valid record
     size: int = 0
     damage: str | None = None  # why reading stopped before the end of file
-    valid_after: int | None = None  # offset of a valid record beyond the damage, if any
+    acknowledged_after: int | None = None  # a record proving the damage was fsynced (see acknowledged_after)
 
 
 def read_records(data: bytes, scan: SegmentScan) -> None:
@@ -164,7 +169,7 @@ def read_records(data: bytes, scan: SegmentScan) -> None:
         if n - off < HEADER_SIZE:
             scan.damage = f"incomplete record header ({n - off} bytes)"
             break
-        length, crc, kind = unpack(data, off)
+        length, crc, kind, _batch = unpack(data, off)
         end = off + HEADER_SIZE + length
         if end > n or crc32(view[off + 8 : end]) != crc or kind not in valid:
             scan.damage = _damage(data, off)
@@ -175,7 +180,7 @@ def read_records(data: bytes, scan: SegmentScan) -> None:
 
 
 def _damage(data: bytes, off: int) -> str:
-    length, crc, kind = HEADER.unpack_from(data, off)
+    length, crc, kind, _batch = HEADER.unpack_from(data, off)
     end = off + HEADER_SIZE + length
     if kind not in _VALID_KINDS:
         return f"unknown record kind {kind}"
@@ -184,21 +189,26 @@ def _damage(data: bytes, off: int) -> str:
     return f"checksum mismatch in a {Kind(kind).name} record of {length} bytes"
 
 
-def valid_record_after(data: bytes, start: int) -> int | None:
-    """Offset of the first well-formed record starting after `start`, if any.
+def acknowledged_after(data: bytes, damage: int) -> int | None:
+    """Offset of a well-formed record after `damage` that proves the damaged
+    bytes were already fsynced, if there is one.
 
-    Used to tell a torn tail (nothing valid follows) from damage in the middle
-    of the data (something valid follows, so acknowledged records were there).
+    The writer starts a batch only after the previous sync() returned, and
+    every record carries the offset where its batch began. A record whose
+    batch began after the damaged offset therefore shows that the batch
+    holding the damage was durable (acknowledged): real corruption. Records
+    of the damaged batch itself prove nothing: a power cut can persist the
+    pages of an unsynced write out of order, leaving a hole before them.
     """
     n = len(data)
     view = memoryview(data)
-    for m in _KIND_BYTE_RE.finditer(data, start + 1 + 8):
+    for m in _KIND_BYTE_RE.finditer(data, damage + 1 + 8):
         p = m.start() - 8
         if n - p < HEADER_SIZE:
             break
-        length, crc, kind = HEADER.unpack_from(data, p)
+        length, crc, _kind, batch = HEADER.unpack_from(data, p)
         end = p + HEADER_SIZE + length
-        if length > MAX_RECORD or end > n:
+        if length > MAX_RECORD or end > n or batch <= damage:
             continue
         if zlib.crc32(view[p + 8 : end]) == crc:
             return p
@@ -212,7 +222,7 @@ def scan_segment(seq: int, path: str) -> SegmentScan:
     scan = SegmentScan(seq=seq, path=path, size=len(data))
     read_records(data, scan)
     if scan.damage is not None:
-        scan.valid_after = valid_record_after(data, scan.good_end)
+        scan.acknowledged_after = acknowledged_after(data, scan.good_end)
     return scan
 
 
@@ -298,7 +308,9 @@ class WalWriter:
 
     def add(self, kind: int, payload: bytes) -> None:
         """Buffer one record (not durable until sync())."""
-        self._buf += HEADER.pack(len(payload), zlib.crc32(payload, _KIND_SEED[kind]), kind)
+        batch = self.synced_offset  # this batch began where the last sync ended
+        crc = zlib.crc32(payload, zlib.crc32(_KIND_BATCH.pack(kind, batch)))
+        self._buf += HEADER.pack(len(payload), crc, kind, batch)
         self._buf += payload
         if len(self._buf) >= self.FLUSH_BYTES:
             self.flush()

@@ -385,3 +385,53 @@ def test_snapshot_installed_but_wal_record_lost_is_adopted(tmp_path):
         assert (s.applied_index(), s.applied_data()) == (40, b"cfg")
     finally:
         s.close()
+
+
+# ---- power cut: pages of the last, unsynced batch persisted out of order ------------
+
+
+def batch_store(path: str, later_batch: bool) -> tuple[str, int]:
+    """Entries 1..5 synced, then 6..15 + hard state as one batch (and, with
+    `later_batch`, entry 16 in a batch of its own). Returns (segment, offset of entry 8)."""
+    s = open_ok(path)
+    s.append(ents(1, 5))
+    s.sync()
+    s.append(ents(6, 15))
+    s.set_hardstate(pb.HardState(term=1, commit=5))
+    s.sync()
+    if later_batch:
+        s.append(ents(16, 16))
+        s.sync()
+    s.close()
+    seg = list_segments(wal_dir(path))[-1][1]
+    return seg, entry_records(seg)[7][0]
+
+
+def punch_hole(seg: str, offset: int, length: int = 40) -> None:
+    with open(seg, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(length))
+
+
+def test_hole_inside_the_last_batch_is_a_torn_tail(tmp_path, caplog):
+    # The records after the hole belong to the same (maybe never synced) batch.
+    path = str(tmp_path / "data")
+    seg, off = batch_store(path, later_batch=False)
+    punch_hole(seg, off)
+    with caplog.at_level(logging.WARNING):
+        s = open_ok(path)
+    try:
+        assert s.last_index() == 7
+        [warning] = torn_warnings(caplog)
+        assert f"offset {off}" in warning
+    finally:
+        s.close()
+
+
+def test_hole_in_a_batch_followed_by_a_later_batch_is_corruption(tmp_path):
+    # A later batch exists, so the damaged one had been fsynced: acknowledged data.
+    path = str(tmp_path / "data")
+    seg, off = batch_store(path, later_batch=True)
+    punch_hole(seg, off)
+    with pytest.raises(CorruptLog, match=f"offset {off}.*later sync"):
+        open_ok(path)

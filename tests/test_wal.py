@@ -17,12 +17,12 @@ from raft.wal import (
     Kind,
     SegmentScan,
     WalWriter,
+    acknowledged_after,
     encode_record,
     list_segments,
     read_records,
     scan_segment,
     segment_name,
-    valid_record_after,
 )
 
 LOG = logging.getLogger("test.wal")
@@ -42,12 +42,12 @@ def read(data: bytes) -> SegmentScan:
     return scan
 
 
-def test_record_frame_is_length_crc_kind_payload():
+def test_record_frame_is_length_crc_kind_batch_payload():
     payload = b"hello raft"
-    rec = encode_record(Kind.ENTRY, payload)
-    length, crc, kind = HEADER.unpack_from(rec)
-    assert (length, kind) == (len(payload), Kind.ENTRY)
-    assert crc == zlib.crc32(bytes([Kind.ENTRY]) + payload), "CRC must cover kind + payload"
+    rec = encode_record(Kind.ENTRY, payload, batch=4242)
+    length, crc, kind, batch = HEADER.unpack_from(rec)
+    assert (length, kind, batch) == (len(payload), Kind.ENTRY, 4242)
+    assert crc == zlib.crc32(rec[8:]), "CRC must cover kind + batch + payload"
     assert rec[HEADER_SIZE:] == payload
 
 
@@ -80,14 +80,17 @@ def test_damage_stops_reading_and_says_why(mangle, why, intact):
     assert scan.good_end == intact * len(good), "reading stops exactly at the damaged record"
 
 
-def test_valid_record_after_finds_records_beyond_damage_but_not_in_zeros():
-    a = encode_record(Kind.ENTRY, b"a" * 30)
-    b = encode_record(Kind.HARDSTATE, b"\x08\x01")
+def test_only_a_record_of_a_later_batch_proves_the_damage_was_synced():
+    a = encode_record(Kind.ENTRY, b"a" * 30, batch=0)
     flipped = bytearray(a)
     flipped[HEADER_SIZE + 3] ^= 1
-    assert valid_record_after(bytes(flipped) + b, 0) == len(a)
-    assert valid_record_after(a + bytes(4096), len(a)) is None
-    assert valid_record_after(bytes(flipped), 0) is None
+    same_batch = encode_record(Kind.HARDSTATE, b"\x08\x01", batch=0)
+    later_batch = encode_record(Kind.HARDSTATE, b"\x08\x02", batch=len(a) + len(same_batch))
+    data = bytes(flipped) + same_batch + later_batch
+    assert acknowledged_after(data, 0) == len(a) + len(same_batch)
+    assert acknowledged_after(bytes(flipped) + same_batch, 0) is None, "same batch: maybe never synced"
+    assert acknowledged_after(a + bytes(4096), len(a)) is None
+    assert acknowledged_after(bytes(flipped), 0) is None
 
 
 def test_writer_buffers_until_sync_then_fsyncs(tmp_path, monkeypatch):
@@ -165,6 +168,21 @@ def test_delete_below_keeps_segments_a_snapshot_does_not_cover(tmp_path):
     w.close()
 
 
+def test_records_carry_the_offset_where_their_sync_batch_began(tmp_path):
+    w = new_writer(tmp_path)
+    first_batch = w.synced_offset
+    w.add(Kind.ENTRY, b"1")
+    w.add(Kind.ENTRY, b"2")
+    w.sync()
+    second_batch = w.synced_offset
+    w.add(Kind.ENTRY, b"3")
+    w.sync()
+    w.close()
+    data = (tmp_path / segment_name(1)).read_bytes()
+    batches = [HEADER.unpack_from(data, off)[3] for _, _, off in read(data).records]
+    assert batches == [0, first_batch, first_batch, second_batch]
+
+
 def test_simulate_crash_drops_unsynced_bytes(tmp_path):
     w = new_writer(tmp_path)
     w.add(Kind.ENTRY, b"durable")
@@ -186,5 +204,5 @@ def test_simulate_crash_can_leave_a_torn_record(tmp_path):
     w.add(Kind.ENTRY, b"z" * 100)
     w.simulate_crash(torn_bytes=50, garbage=bytes(7))
     scan = scan_segment(1, str(tmp_path / segment_name(1)))
-    assert scan.damage is not None and scan.valid_after is None
+    assert scan.damage is not None and scan.acknowledged_after is None
     assert [p for _, p, _ in scan.records][-1] == b"durable"
