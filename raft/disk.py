@@ -698,18 +698,23 @@ class DiskStorage:
     def simulate_crash(self, rng: random.Random | None = None) -> None:
         """Test helper: the process dies / the power goes now.
 
-        Everything not yet fsynced is lost; with `rng`, a random prefix of it
-        survives, sometimes followed by zeros (a torn write), which recovery
-        must cut. The storage is closed afterwards; reopen with
-        `DiskStorage.open(path)`.
+        Everything not yet fsynced is lost. With `rng`, sometimes a random
+        prefix of it survives, maybe followed by zeros (a torn write), and
+        sometimes all of it survives but for a zeroed hole (pages written out
+        of order); recovery must cut either. The storage is closed
+        afterwards; reopen with `DiskStorage.open(path)`.
         """
-        torn, garbage = 0, b""
-        if rng is not None and rng.random() < 0.5:
-            pending = self._writer.unsynced_bytes
+        torn, garbage, hole = 0, b"", None
+        pending = self._writer.unsynced_bytes
+        r = rng.random() if rng is not None else 0.0
+        if rng is not None and r >= 0.5:
             torn = rng.randint(0, pending)
-            if rng.random() < 0.3:
+            if r >= 0.8 and pending:
+                torn = pending
+                hole = (rng.randrange(pending), rng.randint(1, 4096))
+            elif rng.random() < 0.3:
                 garbage = bytes(rng.randint(1, 64))
-        self._writer.simulate_crash(torn, garbage)
+        self._writer.simulate_crash(torn, garbage, hole)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

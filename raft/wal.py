@@ -414,13 +414,16 @@ class WalWriter:
             os.close(self._fd)
             self._fd = None
 
-    def simulate_crash(self, torn_bytes: int = 0, garbage: bytes = b"") -> None:
+    def simulate_crash(
+        self, torn_bytes: int = 0, garbage: bytes = b"", hole: tuple[int, int] | None = None
+    ) -> None:
         """Test helper: lose what a power cut would lose, then close.
 
         Drops the buffer and cuts the active segment back to the last fsynced
         offset, keeping `torn_bytes` of the unsynced data (a partial write)
-        and then `garbage` (e.g. zeros). Earlier segments were synced before
-        rotation, so they are untouched.
+        and then `garbage` (e.g. zeros); `hole` = (start, length) within the
+        kept unsynced bytes is zeroed (pages persisted out of order). Earlier
+        segments were synced before rotation, so they are untouched.
         """
         pending = bytes(self._buf)
         self._buf.clear()
@@ -430,7 +433,10 @@ class WalWriter:
         with open(self._path, "rb") as f:
             f.seek(self.synced_offset)
             unsynced = f.read() + pending
-        keep = unsynced[: max(0, min(torn_bytes, len(unsynced)))]
+        keep = bytearray(unsynced[: max(0, min(torn_bytes, len(unsynced)))])
+        if hole is not None:
+            start, length = hole
+            keep[start : start + length] = bytes(len(keep[start : start + length]))
         with open(self._path, "r+b") as f:
             f.truncate(self.synced_offset)
             f.seek(self.synced_offset)
