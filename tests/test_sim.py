@@ -30,27 +30,27 @@ def _memory_result(seed: int):
     return run_seed(seed)
 
 
-def _run_chunk(seeds: range | list[int], storage: str, tmp_path) -> None:
+def _run_chunk(seeds: range | list[int], storage: str) -> None:
     failures = []
     for seed in seeds:
         try:
             if storage == "memory":
                 _memory_result(seed)
             else:
-                run_seed(seed, storage, workdir=str(tmp_path))
+                run_seed(seed, storage)  # DiskStorage dirs on tmpfs when there is one
         except SimFailure as e:
             failures.append(str(e))
     assert not failures, f"{len(failures)} seed(s) failed:\n\n" + "\n\n".join(failures)
 
 
 @pytest.mark.parametrize("start", range(MEMORY_SEEDS.start, MEMORY_SEEDS.stop, CHUNK))
-def test_simulation_memory_storage(start, tmp_path):
-    _run_chunk(range(start, min(start + CHUNK, MEMORY_SEEDS.stop)), "memory", tmp_path)
+def test_simulation_memory_storage(start):
+    _run_chunk(range(start, min(start + CHUNK, MEMORY_SEEDS.stop)), "memory")
 
 
 @pytest.mark.parametrize("start", range(DISK_SEEDS.start, DISK_SEEDS.stop, 10))
-def test_simulation_disk_storage(start, tmp_path):
-    _run_chunk(range(start, min(start + 10, DISK_SEEDS.stop)), "disk", tmp_path)
+def test_simulation_disk_storage(start):
+    _run_chunk(range(start, min(start + 10, DISK_SEEDS.stop)), "disk")
 
 
 def test_a_seed_replays_exactly():

@@ -14,12 +14,13 @@ import tempfile
 import time
 
 from .runner import SimFailure, run_seed
+from .stores import scratch_dir
 
 
 def _one(args: tuple[int, str]) -> tuple[int, str | None, int]:
     seed, storage = args
     try:
-        with tempfile.TemporaryDirectory(prefix="sim-") as workdir:
+        with tempfile.TemporaryDirectory(prefix="sim-", dir=scratch_dir()) as workdir:
             r = run_seed(seed, storage, workdir=workdir)
         return seed, None, r.committed
     except SimFailure as e:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG, format="          core %(name)s: %(message)s", stream=sys.stdout)
     t0 = time.perf_counter()
     try:
-        with tempfile.TemporaryDirectory(prefix="sim-") as workdir:
+        with tempfile.TemporaryDirectory(prefix="sim-", dir=scratch_dir()) as workdir:
             r = run_seed(args.seed, args.storage, verbose=args.verbose, workdir=workdir)
     except SimFailure as e:
         print(f"FAILED: {e}")

@@ -155,7 +155,7 @@ class SimNode:
         self.process()
 
     def step(self, m: pb.Message) -> None:
-        self._call(f"step {pb.MessageType.Name(m.msg_type)} from {m.__getattribute__('from')}", self.raw.step, m)
+        self._call(f"step {pb.MessageType.Name(m.msg_type)} from {getattr(m, 'from')}", self.raw.step, m)
         self.process()
 
     def propose(self, data: bytes) -> bool:
