@@ -14,9 +14,11 @@ Flags follow Go's `flag` package: `-addr x`, `-addr=x`, `--addr=x`; boolean
 flags take no separate value (`-v`, `-gzip=true`); parsing stops at the first
 non-flag argument or `--`. Durations are Go durations (`1s`, `500ms`, `1m30s`).
 
-Plaintext only: the CITA-Cloud services serve plaintext gRPC on localhost, so
--tls, -tls-*, -alts and -spiffe are refused with exit code 1 and a message
-saying so, instead of silently probing without the requested security.
+TLS works as in the Go probe (-tls with -tls-ca-cert, -tls-client-cert/-key,
+-tls-server-name). What Python's grpc cannot do is refused with exit code 1
+and a message saying so, never silently probed without the security asked
+for: -tls-no-verify (grpc offers no way to skip verification), -alts and
+-spiffe.
 
 It must never need the generated protobuf package: the two tiny health
 messages are encoded by hand, so the probe works from any Python with grpcio.
@@ -24,6 +26,7 @@ messages are encoded by hand, so the probe works from any Python with grpcio.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -47,9 +50,6 @@ STRING_FLAGS = ("addr", "service", "user-agent", "tls-ca-cert", "tls-client-cert
 DURATION_FLAGS = ("connect-timeout", "rpc-timeout")
 BOOL_FLAGS = ("tls", "tls-no-verify", "alts", "v", "version", "gzip", "spiffe")
 LIST_FLAGS = ("rpc-header",)
-# Security modes this probe cannot provide; refusing beats probing insecurely.
-UNSUPPORTED = ("tls", "tls-no-verify", "tls-ca-cert", "tls-client-cert", "tls-client-key", "tls-server-name",
-               "alts", "spiffe")
 
 USAGE = """Usage of grpc-health-probe:
   -addr string
@@ -69,9 +69,17 @@ USAGE = """Usage of grpc-health-probe:
   -spiffe
     \tuse SPIFFE to obtain mTLS credentials (not supported by this probe)
   -tls
-    \tuse TLS (not supported by this probe: plaintext only)
-  -tls-ca-cert / -tls-client-cert / -tls-client-key / -tls-server-name / -tls-no-verify string
-    \t(not supported by this probe)
+    \tuse TLS (default: false, INSECURE plaintext transport)
+  -tls-ca-cert string
+    \t(with -tls, optional) file containing trusted certificates for verifying server
+  -tls-client-cert string
+    \t(with -tls, optional) client certificate for authenticating to the server (requires -tls-client-key)
+  -tls-client-key string
+    \t(with -tls) client private key for authenticating to the server (requires -tls-client-cert)
+  -tls-no-verify
+    \t(not supported by this probe: Python's grpc cannot skip verification)
+  -tls-server-name string
+    \t(with -tls) override the hostname used to verify the server certificate
   -user-agent string
     \tuser-agent header value of health check requests (default "grpc_health_probe")
   -v\tverbose logs
@@ -94,7 +102,14 @@ class Options:
     verbose: bool = False
     version: bool = False
     gzip: bool = False
-    unsupported: list[str] = field(default_factory=list)
+    tls: bool = False
+    tls_no_verify: bool = False
+    tls_ca_cert: str = ""
+    tls_client_cert: str = ""
+    tls_client_key: str = ""
+    tls_server_name: str = ""
+    alts: bool = False
+    spiffe: bool = False
 
 
 # --------------------------------------------------------------------------
@@ -180,16 +195,8 @@ def parse_args(argv: list[str]) -> Options:
         if name in ("h", "help"):
             raise ArgError("help requested")
         if name in BOOL_FLAGS:
-            flag_on = _parse_bool(name, value) if has_value else True
-            if name in UNSUPPORTED:
-                if flag_on:
-                    opts.unsupported.append(name)
-            elif name == "v":
-                opts.verbose = flag_on
-            elif name == "version":
-                opts.version = flag_on
-            elif name == "gzip":
-                opts.gzip = flag_on
+            attr = {"v": "verbose", "tls-no-verify": "tls_no_verify"}.get(name, name)
+            setattr(opts, attr, _parse_bool(name, value) if has_value else True)
             continue
         if name not in STRING_FLAGS + DURATION_FLAGS + LIST_FLAGS:
             raise ArgError(f"flag provided but not defined: -{name}")
@@ -212,23 +219,14 @@ def parse_args(argv: list[str]) -> Options:
                 raise ArgError(f"invalid value \"{value}\" for flag -rpc-header: "
                                f"invalid RPC header, expected 'key: value', got \"{value}\"")
             opts.rpc_headers.append((key.lower(), header_value.lstrip()))
-        elif name in UNSUPPORTED:
-            opts.unsupported.append(name)
-        elif name == "addr":
-            opts.addr = value
-        elif name == "service":
-            opts.service = value
-        elif name == "user-agent":
-            opts.user_agent = value
+        else:
+            setattr(opts, name.replace("-", "_"), value)
     return opts
 
 
 def validate(opts: Options) -> None:
-    """The Go probe's argument checks, in its order, plus the refusal of TLS/ALTS/SPIFFE."""
-    if opts.unsupported:
-        names = ", ".join(f"-{n}" for n in opts.unsupported)
-        raise ArgError(f"{names}: not supported by this grpc-health-probe (Python, plaintext only); "
-                       "the consensus service serves plaintext gRPC, probe it without TLS flags")
+    """The Go probe's argument checks, in its order, then the refusal of what
+    this probe cannot do (-tls-no-verify, -alts, -spiffe)."""
     if not opts.addr:
         raise ArgError("-addr not specified")
     if opts.connect_timeout <= 0:
@@ -236,6 +234,55 @@ def validate(opts: Options) -> None:
                        f"{format_duration(opts.connect_timeout)})")
     if opts.rpc_timeout <= 0:
         raise ArgError(f"-rpc-timeout must be greater than zero (specified: {format_duration(opts.rpc_timeout)})")
+    checks = [
+        (opts.alts and opts.spiffe, "-alts and -spiffe are mutually incompatible"),
+        (opts.tls and opts.alts, "cannot specify -tls with -alts"),
+        (not opts.tls and opts.tls_no_verify, "specified -tls-no-verify without specifying -tls"),
+        (not opts.tls and opts.tls_ca_cert, "specified -tls-ca-cert without specifying -tls"),
+        (not opts.tls and opts.tls_client_cert, "specified -tls-client-cert without specifying -tls"),
+        (not opts.tls and opts.tls_server_name, "specified -tls-server-name without specifying -tls"),
+        (opts.tls_client_cert and not opts.tls_client_key,
+         "specified -tls-client-cert without specifying -tls-client-key"),
+        (not opts.tls_client_cert and opts.tls_client_key,
+         "specified -tls-client-key without specifying -tls-client-cert"),
+        (opts.tls_no_verify and opts.tls_ca_cert,
+         "cannot specify -tls-ca-cert with -tls-no-verify (CA cert would not be used)"),
+        (opts.tls_no_verify and opts.tls_server_name,
+         "cannot specify -tls-server-name with -tls-no-verify (server name would not be used)"),
+        (opts.tls and opts.spiffe, "-tls and -spiffe are mutually incompatible"),
+    ]
+    for failed, message in checks:
+        if failed:
+            raise ArgError(message)
+    unsupported = [f for f, on in (("-tls-no-verify", opts.tls_no_verify), ("-alts", opts.alts),
+                                   ("-spiffe", opts.spiffe)) if on]
+    if unsupported:
+        raise ArgError(f"{', '.join(unsupported)}: not supported by this grpc-health-probe (Python grpc); "
+                       "use -tls with -tls-ca-cert, or plaintext as the CITA-Cloud services serve")
+
+
+def tls_credentials(opts: Options):
+    """grpc channel credentials for -tls, like the Go probe's buildCredentials;
+    raises ArgError (exit 1) when the files cannot be used."""
+    import grpc
+
+    def read(path: str, what: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise ArgError(f"failed to initialize tls credentials. error={what}: {e}") from None
+
+    key = cert = roots = None
+    if opts.tls_client_cert:
+        cert = read(opts.tls_client_cert, "failed to load tls client cert/key pair")
+        key = read(opts.tls_client_key, "failed to load tls client cert/key pair")
+    if opts.tls_ca_cert:
+        roots = read(opts.tls_ca_cert, f"failed to load root CA certificates from file ({opts.tls_ca_cert})")
+        if b"-----BEGIN CERTIFICATE-----" not in roots:
+            raise ArgError(f"failed to initialize tls credentials. error=no root CA certs parsed from file "
+                           f"{opts.tls_ca_cert}")
+    return grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=cert)
 
 
 # --------------------------------------------------------------------------
@@ -308,6 +355,8 @@ def _log(message: str) -> None:
 
 def probe(opts: Options) -> int:
     """Connect within connect_timeout, call Check within rpc_timeout, map the outcome to an exit code."""
+    # grpc's C core would add its own log lines to the probe's stderr
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     import grpc  # deferred: argument errors and -version need no grpc import
 
     if opts.verbose:
@@ -316,13 +365,27 @@ def probe(opts: Options) -> int:
              f"rpc_timeout={format_duration(opts.rpc_timeout)}")
         if opts.rpc_headers:
             _log(f"> headers: {opts.rpc_headers}")
-        _log("> tls=false")
-        _log("> alts=false")
-        _log("> spiffe=false")
-        _log("establishing connection")
+        _log(f"> tls={str(opts.tls).lower()}")
+        if opts.tls:
+            _log(f"  > no-verify={str(opts.tls_no_verify).lower()} ")
+            _log(f"  > ca-cert={opts.tls_ca_cert}")
+            _log(f"  > client-cert={opts.tls_client_cert}")
+            _log(f"  > client-key={opts.tls_client_key}")
+            _log(f"  > server-name={opts.tls_server_name}")
+        _log(f"> alts={str(opts.alts).lower()}")
+        _log(f"> spiffe={str(opts.spiffe).lower()}")
     channel_options = [("grpc.primary_user_agent", opts.user_agent)]
     compression = grpc.Compression.Gzip if opts.gzip else None
-    with grpc.insecure_channel(opts.addr, options=channel_options, compression=compression) as channel:
+    if opts.tls:
+        if opts.tls_server_name:
+            channel_options.append(("grpc.ssl_target_name_override", opts.tls_server_name))
+        channel = grpc.secure_channel(opts.addr, tls_credentials(opts), options=channel_options,
+                                      compression=compression)
+    else:
+        channel = grpc.insecure_channel(opts.addr, options=channel_options, compression=compression)
+    if opts.verbose:
+        _log("establishing connection")
+    with channel:
         # Like the Go probe's blocking dial: keep trying until the connect timeout.
         try:
             grpc.channel_ready_future(channel).result(timeout=opts.connect_timeout)
@@ -380,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         return STATUS_INVALID_ARGUMENTS
     try:
         return probe(opts)
+    except ArgError as err:  # unusable TLS files, found while building credentials
+        _log(str(err))
+        return STATUS_INVALID_ARGUMENTS
     except KeyboardInterrupt:
         _log("cancellation received (signal: interrupt)")
         return STATUS_RPC_FAILURE

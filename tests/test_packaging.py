@@ -12,7 +12,8 @@ What is honestly checkable without nixpkgs or a Docker engine (issue 7):
 * the recorded build steps, replayed with pip in a clean venv on the filtered
   source the stub build copied, give a working `consensus` (with the git hash
   the build was given) and a working `grpc-health-probe`, tested against a
-  tiny grpc.health.v1 server on 127.0.0.1 and a closed port;
+  tiny grpc.health.v1 server on 127.0.0.1 (plaintext, TLS, mutual TLS) and a
+  closed port, and the service started as the node starts it answers it;
 * the Dockerfile lints clean (hadolint from PyPI) and runs the same steps.
 
 Debian's nix-bin is installed with apt-get when missing (as root), so a fresh
@@ -482,8 +483,10 @@ def test_replay_test_suite_collects(replay, flake_args):
 
 HEALTH_SERVER = r'''
 """A tiny grpc.health.v1 server for the probe tests: service "" is SERVING,
-"down" is NOT_SERVING, "slow" answers after 5 s; --bare serves nothing."""
-import sys, time
+"down" is NOT_SERVING, "slow" answers after 5 s; --bare serves nothing;
+--tls DIR serves TLS with DIR/server.{key,pem}, --mtls also requires a client
+certificate signed by DIR/client.pem."""
+import pathlib, sys, time
 from concurrent import futures
 import grpc
 
@@ -497,7 +500,15 @@ server = grpc.server(futures.ThreadPoolExecutor(4))
 if "--bare" not in sys.argv:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(check)}),))
-port = server.add_insecure_port("127.0.0.1:0")
+if "--tls" in sys.argv:
+    tls_dir = pathlib.Path(sys.argv[sys.argv.index("--tls") + 1])
+    mtls = "--mtls" in sys.argv
+    credentials = grpc.ssl_server_credentials(
+        [((tls_dir / "server.key").read_bytes(), (tls_dir / "server.pem").read_bytes())],
+        root_certificates=(tls_dir / "client.pem").read_bytes() if mtls else None, require_client_auth=mtls)
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+else:
+    port = server.add_insecure_port("127.0.0.1:0")
 server.start()
 print(port, flush=True)
 server.wait_for_termination(timeout=120)
@@ -608,11 +619,58 @@ def test_probe_closed_port_exits_2(replay):
     assert f'timeout: failed to connect service "127.0.0.1:{port}" within 300ms' in proc.stderr
 
 
+@pytest.fixture(scope="session")
+def tls_dir(tmp_path_factory) -> Path:
+    """Self-signed server and client certificates (SANs localhost, node.test, 127.0.0.1)."""
+    if not shutil.which("openssl"):
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            pytest.fail("openssl is needed to make test certificates: apt-get install openssl")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        run(["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-q", "openssl"], timeout=900, env=env)
+    path = tmp_path_factory.mktemp("tls")
+    for name in ("server", "client"):
+        run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", path / f"{name}.key", "-out", path / f"{name}.pem", "-days", "2", "-subj", f"/CN={name}",
+             "-addext", "subjectAltName=DNS:localhost,DNS:node.test,IP:127.0.0.1"])
+    return path
+
+
+@pytest.fixture(scope="module")
+def tls_ports(replay, tls_dir):
+    servers = [_start_server(replay, "--tls", str(tls_dir)), _start_server(replay, "--tls", str(tls_dir), "--mtls")]
+    yield {"tls": servers[0][1], "mtls": servers[1][1]}
+    for proc, _ in servers:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(("server", "args", "code"), [
+    ("tls", ["-tls", "-tls-ca-cert=server.pem"], 0),
+    ("tls", ["-tls", "-tls-ca-cert=server.pem", "-tls-server-name=node.test"], 0),
+    ("tls", ["-tls", "-tls-ca-cert=server.pem", "-tls-server-name=other.test"], 2),
+    ("tls", ["-tls"], 2),  # system roots do not trust the self-signed server
+    ("tls", [], 2),  # plaintext against a TLS server
+    ("mtls", ["-tls", "-tls-ca-cert=server.pem", "-tls-client-cert=client.pem", "-tls-client-key=client.key"], 0),
+    ("mtls", ["-tls", "-tls-ca-cert=server.pem"], 2),
+])
+def test_probe_tls(replay, tls_dir, tls_ports, server, args, code):
+    proc = run([replay.bin("grpc-health-probe"), f"-addr=127.0.0.1:{tls_ports[server]}", "-connect-timeout=500ms",
+                *args], cwd=tls_dir, env=replay.env(), check=False, timeout=60)
+    assert proc.returncode == code, proc.stderr
+    assert ("status: SERVING" if code == 0 else "failed to connect service") in proc.stderr
+
+
 @pytest.mark.parametrize(("args", "message"), [
     ([], "error: -addr not specified"),
-    (["-addr=127.0.0.1:1", "-tls"], "not supported"),
-    (["-addr=127.0.0.1:1", "-tls-ca-cert", "ca.pem"], "not supported"),
-    (["-addr=127.0.0.1:1", "-spiffe"], "not supported"),
+    (["-addr=127.0.0.1:1", "-tls-no-verify"], "specified -tls-no-verify without specifying -tls"),
+    (["-addr=127.0.0.1:1", "-tls", "-tls-no-verify"], "-tls-no-verify: not supported"),
+    (["-addr=127.0.0.1:1", "-tls-ca-cert", "ca.pem"], "specified -tls-ca-cert without specifying -tls"),
+    (["-addr=127.0.0.1:1", "-tls", "-tls-client-cert=c.pem"],
+     "specified -tls-client-cert without specifying -tls-client-key"),
+    (["-addr=127.0.0.1:1", "-tls", "-tls-ca-cert=/nonexistent/ca.pem"],
+     "failed to load root CA certificates from file (/nonexistent/ca.pem)"),
+    (["-addr=127.0.0.1:1", "-alts"], "-alts: not supported"),
+    (["-addr=127.0.0.1:1", "-spiffe"], "-spiffe: not supported"),
     (["-addr=127.0.0.1:1", "-connect-timeout=0"], "-connect-timeout must be greater than zero (specified: 0s)"),
     (["-addr=127.0.0.1:1", "-rpc-timeout=-1s"], "-rpc-timeout must be greater than zero (specified: -1s)"),
     (["-addr=127.0.0.1:1", "-rpc-timeout=soon"], 'invalid value "soon" for flag -rpc-timeout'),
