@@ -97,8 +97,27 @@ class SimNode:
         self.durable_applied = self.applied
         self.apply_queue: list[pb.Entry] = []
         self.snapshot_reports: list[tuple[int, bool]] = []
-        self.durable_hs = _copy(state.hard_state)
-        self.durable_last = storage.last_index()
+        restarted_hs = _copy(state.hard_state)
+        restarted_last = storage.last_index()
+        if self.incarnation:
+            # What the last sync() made durable must all be there after the crash
+            # (more is fine: a torn tail may keep some unsynced writes).
+            before = self.durable_hs
+            if (restarted_hs.term, restarted_hs.commit) < (before.term, before.commit) or (
+                restarted_hs.term == before.term and before.vote and restarted_hs.vote != before.vote
+            ):
+                raise InvariantViolation(
+                    f"node {self.id} restarted with hard state term={restarted_hs.term} vote={restarted_hs.vote} "
+                    f"commit={restarted_hs.commit}, but term={before.term} vote={before.vote} "
+                    f"commit={before.commit} was synced"
+                )
+            if restarted_last < self.durable_last:
+                raise InvariantViolation(
+                    f"node {self.id} restarted with its log ending at {restarted_last}, "
+                    f"but entries up to {self.durable_last} were synced"
+                )
+        self.durable_hs = restarted_hs
+        self.durable_last = restarted_last
         self.written_hs = _copy(self.durable_hs)
         self.written_last = self.durable_last
         self.sim.checker.on_vote(self.id, self.durable_hs.term, self.durable_hs.vote, "durable at restart")
@@ -237,8 +256,14 @@ class SimNode:
                     sim.checker.on_log_entry(self.id, e, prev)
             self.written_last = rd.entries[-1].index
         if rd.hard_state is not None:
-            st.set_hardstate(rd.hard_state)
-            self.written_hs = _copy(rd.hard_state)
+            hs, prev = rd.hard_state, self.written_hs
+            if hs.term < prev.term or hs.commit < prev.commit or (hs.term == prev.term and prev.vote and hs.vote != prev.vote):
+                raise InvariantViolation(
+                    f"node {self.id} hard state goes back: term={hs.term} vote={hs.vote} commit={hs.commit} "
+                    f"after term={prev.term} vote={prev.vote} commit={prev.commit}"
+                )
+            st.set_hardstate(hs)
+            self.written_hs = _copy(hs)
         self._boundary("written, not synced")
         self._sync()
         self.durable_hs = _copy(self.written_hs)
