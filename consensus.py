@@ -28,6 +28,14 @@ from grpc.experimental import gevent as grpc_gevent  # noqa: E402
 
 grpc_gevent.init_gevent()
 
+# grpc's gevent mode waits on its completion queues in gevent's native thread
+# pool: one thread per server and per call in flight. The default pool of 10
+# threads deadlocks as soon as more calls are pending (senders to every peer,
+# controller calls, registration, the server itself), so give it room.
+import gevent  # noqa: E402
+
+gevent.get_hub().threadpool.maxsize = 128
+
 import dataclasses  # noqa: E402
 import gzip  # noqa: E402
 import logging  # noqa: E402
@@ -640,7 +648,6 @@ class OnceLogger:
 # The service
 # --------------------------------------------------------------------------
 
-import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 import gevent.queue  # noqa: E402
 
@@ -1092,6 +1099,8 @@ class Service:
                     node.tick()
                     next_tick += tick_s
                 self.on_tick()
+            elif self.role == raft.StateRole.Leader:
+                self.leader_duties(node.status())
             self.handle_ready()
 
     def handle_item(self, item) -> None:
@@ -1181,12 +1190,21 @@ class Service:
             height, index, started = self.proposal_in_flight
             if self.block_height >= height:
                 self.proposal_in_flight = None
+                self.last_progress = now
             elif now - started > max(self.election_timeout(), 4 * self.block_interval()):
                 self.log.warning("proposal for height %d not committed in time, fetching again", height)
                 self.proposal_in_flight = None
             else:
                 return
-        stall = max(4 * self.block_interval(), self.election_timeout())
+        # The original transfers after 4 x block_interval without a valid
+        # proposal; never sooner than two election timeouts, so that a slow
+        # controller or block_interval 0 does not make leadership flap.
+        stall = max(4 * self.block_interval(), 2 * self.election_timeout())
+        if st.applied < st.last_index or self.cc_pending:
+            # Waiting for our own controller to commit what is agreed: a
+            # transfer would not help (and must not count as a stall).
+            self.last_progress = now
+            return
         if now - self.last_progress > stall and not cs.voters_outgoing:
             target = self.transfer_target(st, set(cs.voters))
             if target:
@@ -1194,7 +1212,7 @@ class Service:
                 self.node.transfer_leader(target)
                 self.last_progress = now
                 return
-        if self.fetching or st.applied < st.last_index or self.cc_pending:
+        if self.fetching:
             return
         if now - self.last_block_time < self.block_interval():
             return
@@ -1336,7 +1354,7 @@ class Service:
             if ss.role in (raft.StateRole.Candidate, raft.StateRole.PreCandidate) and self.role not in (
                     raft.StateRole.Candidate, raft.StateRole.PreCandidate):
                 self.metrics.elections.inc()
-            self.log.info("became %s term=%d index=%d", str(ss.role).split(".")[-1].lower(), st.term,
+            self.log.info("became %s term=%d index=%d", ss.role.name.lower(), st.term,
                           st.last_index)
             if ss.role == raft.StateRole.Leader:
                 self.last_progress = time.monotonic()

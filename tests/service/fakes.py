@@ -98,7 +98,7 @@ class FakeController(controller_pb2_grpc.Consensus2ControllerServiceServicer):
 
     def CommitBlock(self, request, context):  # noqa: N802
         h = request.proposal.height
-        code = self._enter("CommitBlock", context, h)
+        code = self._enter("Ping" if h == PING else "CommitBlock", context, h)
         with self.lock:
             if h == PING:
                 return common_pb2.ConsensusConfigurationResponse(status=common_pb2.StatusCode(code=0),

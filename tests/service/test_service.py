@@ -1,0 +1,411 @@
+"""The service in-process against fake controller and network gRPC servers:
+block production on 1 and 3 nodes, the gRPC surface, bad network input,
+probes and the mailbook, registration, controller faults, restart from the
+WAL, abort height, metrics."""
+import os
+import time
+import urllib.request
+
+import gevent
+import grpc
+import pytest
+
+import consensus
+import raft
+from cita_raft_pb import (
+    common_pb2,
+    consensus_pb2_grpc,
+    eraftpb_pb2,
+    health_check_pb2,
+    health_check_pb2_grpc,
+    network_pb2,
+    network_pb2_grpc,
+)
+
+from .fakes import FakeController, FakeNetwork, free_port, origin_of
+
+
+def addr(i: int) -> bytes:
+    return bytes([0x10 + i] * 8) + bytes(range(12))
+
+
+@pytest.fixture(autouse=True)
+def fast_loops(monkeypatch):
+    monkeypatch.setattr(consensus, "SUPERVISE_SECONDS", 0.2)
+    monkeypatch.setattr(consensus, "REREGISTER_SECONDS", 0.5)
+
+
+def wait_for(pred, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        gevent.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Node:
+    def __init__(self, tmp_path, i, net: FakeNetwork, validators, block_interval=0, network_port=None,
+                 **cfg_overrides):
+        self.address = addr(i)
+        self.dir = tmp_path / f"node{i}"
+        self.dir.mkdir(exist_ok=True)
+        self.ctrl = FakeController(validators, block_interval).start()
+        self.net_port = network_port or net.add_node(self.address)
+        self.cfg = consensus.Config(
+            node_addr=self.address.hex(), node_address=self.address, grpc_listen_port=free_port(),
+            network_port=self.net_port, controller_port=self.ctrl.port, metrics_port=free_port(),
+            tick_interval_in_millis=20, heartbeat_tick=2, election_tick=10,
+            raft_data_path=str(self.dir / "raft-data-dir"), **cfg_overrides)
+        self.service = None
+
+    def start(self):
+        self.service = consensus.Service(self.cfg)
+        self.service.start()
+        return self
+
+    def stop(self):
+        if self.service:
+            self.service.stop()
+            self.service = None
+
+    def close(self):
+        self.stop()
+        self.ctrl.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    made = []
+    net = FakeNetwork()
+
+    def make(n, block_interval=0, start=True, **kw):
+        validators = [addr(i) for i in range(n)]
+        nodes = [Node(tmp_path, i, net, validators, block_interval, **kw) for i in range(n)]
+        made.extend(nodes)
+        if start:
+            for node in nodes:
+                node.start()
+        return net, nodes
+
+    yield make
+    for node in made:
+        node.close()
+    net.stop()
+
+
+def assert_same_chain(nodes):
+    heights = [n.ctrl.height for n in nodes]
+    top = min(heights)
+    for h in range(1, top + 1):
+        blocks = {n.ctrl.committed[h] for n in nodes}
+        assert len(blocks) == 1, f"height {h} committed differently: {blocks}"
+
+
+def test_single_node_chain_produces_blocks(cluster):
+    net, (node,) = cluster(1)
+    wait_for(lambda: node.ctrl.height >= 5, what="5 blocks on a single node")
+    assert [h for m, h in node.ctrl.calls if m == "CommitBlock"][:5] == [1, 2, 3, 4, 5]
+    assert node.service.node.status().role == raft.StateRole.Leader
+
+
+def test_three_nodes_agree_on_every_block(cluster):
+    net, nodes = cluster(3)
+    wait_for(lambda: min(n.ctrl.height for n in nodes) >= 10, what="10 blocks on all 3 nodes")
+    assert_same_chain(nodes)
+    leaders = [n for n in nodes if n.service.node.status().role == raft.StateRole.Leader]
+    assert len(leaders) == 1
+    # followers checked the leader's proposals before committing them
+    for n in nodes:
+        if n is not leaders[0]:
+            assert any(m == "CheckProposal" for m, _ in n.ctrl.calls)
+
+
+def test_block_interval_is_respected(cluster):
+    net, (node,) = cluster(1, block_interval=1)
+    wait_for(lambda: node.ctrl.height >= 1, what="first block")
+    t0, h0 = time.monotonic(), node.ctrl.height
+    gevent.sleep(2.5)
+    made = node.ctrl.height - h0
+    assert 1 <= made <= 3, f"{made} blocks in 2.5 s with block_interval 1"
+    assert time.monotonic() - t0 >= 2.5
+
+
+def grpc_stubs(port):
+    ch = grpc.insecure_channel(f"127.0.0.1:{port}")
+    return (ch, consensus_pb2_grpc.ConsensusServiceStub(ch), network_pb2_grpc.NetworkMsgHandlerServiceStub(ch),
+            health_check_pb2_grpc.HealthStub(ch))
+
+
+def test_grpc_surface_answers(cluster):
+    net, (node,) = cluster(1)
+    ch, cons, handler, health = grpc_stubs(node.cfg.grpc_listen_port)
+    try:
+        cfg = common_pb2.ConsensusConfiguration(height=0, block_interval=0, validators=[node.address])
+        assert cons.Reconfigure(cfg, timeout=5).code == 0
+        assert cons.CheckBlock(common_pb2.ProposalWithProof(proposal=common_pb2.Proposal(height=3)),
+                               timeout=5).code == 0
+        assert health.Check(health_check_pb2.HealthCheckRequest(service="anything"), timeout=5).status == \
+            health_check_pb2.HealthCheckResponse.SERVING
+    finally:
+        ch.close()
+
+
+@pytest.mark.parametrize("msg,expected", [
+    (network_pb2.NetworkMsg(module="controller", type="raft"), "wrong module 'controller'"),
+    (network_pb2.NetworkMsg(module="consensus", type="vote"), "unknown message type 'vote'"),
+    (network_pb2.NetworkMsg(module="consensus", type="raft", msg=b"\xff\xff\xff"), "undecodable raft message"),
+    (network_pb2.NetworkMsg(module="consensus", type="probe", msg=b"\x01\x02"), "8-byte big-endian raft id"),
+    (network_pb2.NetworkMsg(module="consensus", type="probe-resp", msg=b""), "8-byte big-endian raft id"),
+    (network_pb2.NetworkMsg(module="consensus", type="refresh", msg=b"123456789"), "8-byte big-endian raft id"),
+])
+def test_bad_network_messages_are_invalid_argument(cluster, msg, expected):
+    net, (node,) = cluster(1, start=True)
+    ch, _, handler, health = grpc_stubs(node.cfg.grpc_listen_port)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            handler.ProcessNetworkMsg(msg, timeout=5)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert expected in e.value.details()
+        # still serving afterwards
+        assert health.Check(health_check_pb2.HealthCheckRequest(), timeout=5).status == 1
+    finally:
+        ch.close()
+
+
+def test_probe_learns_origin_and_answers_with_probe_resp(cluster):
+    net, (node,) = cluster(1)
+    stranger = addr(7)
+    net.add_node(stranger)
+    ch, _, handler, _ = grpc_stubs(node.cfg.grpc_listen_port)
+    try:
+        peer = raft.peer_id(stranger)
+        handler.ProcessNetworkMsg(network_pb2.NetworkMsg(module="consensus", type="probe", origin=origin_of(stranger),
+                                                         msg=peer.to_bytes(8, "big")), timeout=5)
+        assert node.service.mailbook[peer] == origin_of(stranger)
+        wait_for(lambda: any(m.type == "probe-resp" and m.origin == origin_of(stranger) for _, m in net.sent),
+                 what="probe-resp")
+        resp = next(m for _, m in net.sent if m.type == "probe-resp")
+        assert int.from_bytes(resp.msg, "big") == node.service.id
+    finally:
+        ch.close()
+
+
+def test_raft_message_for_another_id_sends_refresh(cluster):
+    net, (node,) = cluster(1)
+    ch, _, handler, _ = grpc_stubs(node.cfg.grpc_listen_port)
+    try:
+        m = eraftpb_pb2.Message(msg_type=eraftpb_pb2.MsgHeartbeat, to=12345, term=1)
+        setattr(m, "from", 777)
+        handler.ProcessNetworkMsg(network_pb2.NetworkMsg(module="consensus", type="raft", origin=99,
+                                                         msg=m.SerializeToString()), timeout=5)
+        assert node.service.mailbook[777] == 99
+        wait_for(lambda: any(msg.type == "refresh" and msg.origin == 99 for _, msg in net.sent), what="refresh")
+        refresh = next(msg for _, msg in net.sent if msg.type == "refresh")
+        assert int.from_bytes(refresh.msg, "big") == 12345
+    finally:
+        ch.close()
+
+
+def test_registration_retries_until_the_network_is_up_and_repeats_after_restart(tmp_path, cluster):
+    net, (node,) = cluster(1, start=False)
+    # network down: nothing listens on the port until the fake network starts
+    port = free_port()
+    node.cfg.network_port = port
+    node.start()
+    gevent.sleep(1.5)
+    assert not node.service.registered
+    net2 = FakeNetwork()
+    try:
+        net2.nodes[origin_of(node.address)] = {"port": port, "handler": None, "server": None,
+                                                "address": node.address}
+        net2._serve(origin_of(node.address))
+        wait_for(lambda: node.service.registered, what="registration")
+        info = net2.registrations[0][1]
+        assert (info.module_name, info.hostname, info.port) == ("consensus", "localhost",
+                                                                str(node.cfg.grpc_listen_port))
+        before = len(net2.registrations)
+        net2.restart(node.address)
+        wait_for(lambda: len(net2.registrations) > before and net2.nodes[origin_of(node.address)]["handler"],
+                 what="re-registration after the network restarted")
+    finally:
+        net2.stop()
+
+
+def test_controller_unreachable_then_back(cluster):
+    net, (node,) = cluster(1, start=False)
+    node.ctrl.unavailable = True
+    node.start()
+    gevent.sleep(1.0)
+    assert node.ctrl.height == 0
+    assert node.service.node is None  # no configuration yet: raft not started
+    node.ctrl.unavailable = False
+    wait_for(lambda: node.ctrl.height >= 3, what="blocks once the controller is back")
+
+
+def test_transient_commit_errors_are_retried_and_nothing_is_skipped(cluster):
+    net, (node,) = cluster(1, start=False)
+    node.ctrl.fail_codes["CommitBlock"] = [500, 119, 600]
+    node.start()
+    wait_for(lambda: node.ctrl.height >= 4, what="blocks after transient errors")
+    commits = [h for m, h in node.ctrl.calls if m == "CommitBlock"]
+    assert commits[:4] == [1, 1, 1, 1], commits  # height 1 retried three times, then committed
+
+
+def test_get_proposal_errors_do_not_stop_the_leader(cluster):
+    net, (node,) = cluster(1, start=False)
+    node.ctrl.fail_codes["GetProposal"] = [139, 124, 139]
+    node.start()
+    wait_for(lambda: node.ctrl.height >= 2, what="blocks after GetProposal errors")
+
+
+def test_slow_controller_does_not_stop_heartbeats(cluster):
+    net, nodes = cluster(3)
+    wait_for(lambda: min(n.ctrl.height for n in nodes) >= 2, what="first blocks")
+    leader = next(n for n in nodes if n.service.node.status().role == raft.StateRole.Leader)
+    term = leader.service.node.status().term
+    for n in nodes:
+        n.ctrl.delay["CommitBlock"] = 1.0  # 2.5 x the longest election timeout (0.4 s)
+    h = max(n.ctrl.height for n in nodes)
+    wait_for(lambda: min(n.ctrl.height for n in nodes) >= h + 2, timeout=30, what="blocks with a slow controller")
+    assert leader.service.node.status().term == term, "an election happened while the controller was slow"
+    assert leader.service.node.status().role == raft.StateRole.Leader
+    assert_same_chain(nodes)
+
+
+def test_restart_from_the_wal_keeps_term_and_continues(cluster):
+    net, (node,) = cluster(1)
+    wait_for(lambda: node.ctrl.height >= 3, what="blocks")
+    node.stop()
+    st_before = raft_state(node)
+    node.start()
+    assert node.service.storage.initial_state().hard_state.term >= st_before
+    h = node.ctrl.height
+    wait_for(lambda: node.ctrl.height >= h + 3, what="blocks after restart")
+
+
+def raft_state(node):
+    from raft.disk import DiskStorage
+    s = DiskStorage.open(node.cfg.raft_data_path)
+    try:
+        return s.initial_state().hard_state.term
+    finally:
+        s.close()
+
+
+def test_recommit_after_restart_when_the_controller_lost_a_block(cluster):
+    net, (node,) = cluster(1)
+    wait_for(lambda: node.ctrl.height >= 3, what="blocks")
+    node.stop()
+    # the controller crashed and lost its last block
+    top = node.ctrl.height
+    lost = node.ctrl.committed.pop(top)
+    node.ctrl.height = top - 1
+    node.start()
+    wait_for(lambda: node.ctrl.committed.get(top) == lost, what="the lost block recommitted")
+
+
+def test_removed_node_leaves_raft_after_abort_height(cluster):
+    net, nodes = cluster(3)
+    wait_for(lambda: min(n.ctrl.height for n in nodes) >= 3, what="first blocks")
+    victim = nodes[2]
+    h = max(n.ctrl.height for n in nodes) + 2
+    for n in nodes:
+        n.ctrl.schedule[h] = [addr(0), addr(1)]
+    wait_for(lambda: all(n.ctrl.height >= h + 3 for n in nodes[:2]), timeout=60, what="blocks after removal")
+    survivors = {raft.peer_id(addr(0)), raft.peer_id(addr(1))}
+    for n in nodes[:2]:
+        wait_for(lambda n=n: set(n.service.node.status().conf_state.voters) == survivors, what="conf change applied")
+    # Raft no longer sends the removed node blocks; its controller syncs them
+    # from peers (as the real one does) and it leaves raft at the abort height.
+    wait_for(lambda: victim.service.storage.abort_height() >= h, what="abort height persisted")
+    victim.ctrl.committed = dict(nodes[0].ctrl.committed)
+    victim.ctrl.height = nodes[0].ctrl.height
+    victim.ctrl.validators = list(nodes[0].ctrl.validators)
+    wait_for(lambda: victim.service.node is None, timeout=20, what="the removed node leaving raft")
+    assert_same_chain(nodes[:2])
+
+
+def test_metrics_scrape(cluster):
+    net, (node,) = cluster(1)
+    wait_for(lambda: node.ctrl.height >= 2, what="blocks")
+    ch, cons, _, _ = grpc_stubs(node.cfg.grpc_listen_port)
+    try:
+        cons.CheckBlock(common_pb2.ProposalWithProof(), timeout=5, metadata=(("client-name", "controller"),))
+    finally:
+        ch.close()
+    body = urllib.request.urlopen(f"http://127.0.0.1:{node.cfg.metrics_port}/metrics", timeout=5).read().decode()
+    assert "consensus_raft_role 2.0" in body
+    assert "consensus_raft_block_height" in body
+    assert 'controller_to_CheckBlock_bucket{le="0.25"}' in body
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"http://127.0.0.1:{node.cfg.metrics_port}/other", timeout=5)
+    assert e.value.code == 404
+
+
+def test_port_in_use_is_a_clear_startup_error(cluster):
+    net, (node,) = cluster(1, start=False)
+    import socket
+    blocker = socket.socket()
+    blocker.bind(("0.0.0.0", node.cfg.grpc_listen_port))
+    blocker.listen()
+    try:
+        with pytest.raises(consensus.StartupError, match="grpc_listen_port"):
+            node.start()
+    finally:
+        blocker.close()
+        if node.service:
+            node.service.stop()
+            node.service = None
+    assert os.path.isdir(node.cfg.raft_data_path)
+
+
+def test_sigterm_exits_0_with_the_wal_intact(tmp_path):
+    """A real process: SIGTERM stops it within seconds with exit code 0 and a
+    WAL that reopens with every committed block."""
+    import signal
+    import subprocess
+    import sys
+    net = FakeNetwork()
+    a = addr(0)
+    ctrl = FakeController([a]).start()
+    try:
+        net_port = net.add_node(a)
+        cfg = tmp_path / "config.toml"
+        data = tmp_path / "raft-data-dir"
+        cfg.write_text(f"""[consensus_raft]
+node_addr = "{a.hex()}"
+grpc_listen_port = {free_port()}
+network_port = {net_port}
+controller_port = {ctrl.port}
+metrics_port = {free_port()}
+tick_interval_in_millis = 20
+heartbeat_tick = 2
+election_tick = 10
+raft_data_path = "{data}"
+""")
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        proc = subprocess.Popen([sys.executable, os.path.join(root, "consensus.py"), "run", "-c", str(cfg),
+                                 "--stdout"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+        try:
+            wait_for(lambda: ctrl.height >= 3, timeout=30, what="blocks from the real process")
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while proc.poll() is None and time.monotonic() < deadline:
+                gevent.sleep(0.05)
+            assert proc.poll() == 0, proc.stdout.read().decode()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        out = proc.stdout.read().decode()
+        assert "received SIGTERM: shutting down" in out and "consensus service stopped" in out
+        from raft.disk import DiskStorage
+        s = DiskStorage.open(str(data))
+        try:
+            assert s.applied_index() >= 5 + ctrl.height  # bootstrap index 5, then no-op + one entry per block
+        finally:
+            s.close()
+    finally:
+        ctrl.stop()
+        net.stop()
