@@ -37,6 +37,7 @@ class Node:
         # The replicated "state machine": data of applied normal entries (restored from snapshots).
         self.data: list[tuple[int, bytes]] = []
         self.snapshots_installed = 0
+        self.to_apply: list[pb.Entry] = []  # handed out, not yet applied (deferred applier)
 
     @property
     def raft(self):
@@ -82,6 +83,7 @@ class Network:
         self.sent: list[pb.Message] = []  # every message handed to the network (for assertions)
         self.report_snapshots = True
         self.on_deliver = None  # optional callback(msg) before each delivery (transcripts)
+        self.deferred_apply: set[int] = set()  # nodes whose applier runs only on apply_pending()
         for nid in ids:
             self.add_node(nid, voters=ids)
 
@@ -164,19 +166,36 @@ class Network:
             st.set_hardstate(rd.hard_state)
         st.sync()
         self.send(rd.persisted_messages)
-        for e in rd.committed_entries:
+        if node.id in self.deferred_apply:
+            # Asynchronous applier: entries are handed out now, applied when the test says so.
+            node.to_apply.extend(rd.committed_entries)
+            raw.advance(rd)
+            return True
+        self._apply(node, rd.committed_entries)
+        raw.advance(rd)
+        if rd.committed_entries:
+            raw.advance_apply_to(rd.committed_entries[-1].index)
+        return True
+
+    def _apply(self, node: Node, entries: list[pb.Entry]) -> None:
+        for e in entries:
             node.applied.append(e)
             if e.entry_type == pb.EntryNormal and e.data:
                 node.data.append((e.index, e.data))
             if e.entry_type == pb.EntryConfChangeV2:
                 cc = pb.ConfChangeV2.FromString(e.data)
-                cs = raw.apply_conf_change(cc)
-                st.set_conf_state(cs)
+                cs = node.raw.apply_conf_change(cc)
+                node.storage.set_conf_state(cs)
                 node.conf_states.append(cs)
-        raw.advance(rd)
-        if rd.committed_entries:
-            raw.advance_apply_to(rd.committed_entries[-1].index)
-        return True
+
+    def apply_pending(self, nid: int) -> None:
+        """The deferred applier of `nid` finishes everything handed out so far."""
+        node = self.nodes[nid]
+        entries, node.to_apply = node.to_apply, []
+        self._apply(node, entries)
+        if entries:
+            node.raw.advance_apply_to(entries[-1].index)
+        self.settle()
 
     def deliver_one(self) -> bool:
         if not self.queue:

@@ -238,3 +238,39 @@ def test_random_change_sequences_keep_invariants_and_round_trip():
             fresh = ProgressTracker(16)
             restore(fresh, 10, cs)
             assert fresh.conf.to_conf_state() == cs
+
+
+def test_auto_leave_waits_for_the_host_to_apply_the_joint_config():
+    # The leader proposes the leave entry only once its host reports (advance_apply_to)
+    # that the joint configuration was applied, as raft-rs's commit_apply.
+    net = Network(3)
+    net.elect(1)
+    net.deferred_apply.add(1)
+    for nid in (4, 5):
+        net.add_node(nid)
+        net.cut(1, nid)
+    net.nodes[1].raw.propose_conf_change(conf_change(("add", 4), ("add", 5)))
+    net.settle()
+    leader = net.nodes[1]
+    assert leader.raft.log.committed == 2 and not leader.raft.prs.conf.is_joint()
+    assert [e.index for e in leader.to_apply] == [2]
+    assert leader.raft.log.last_index() == 2, "no leave entry before the joint config is applied"
+    net.apply_pending(1)
+    assert leader.raft.prs.conf.is_joint()
+    assert leader.raft.log.last_index() == 3
+    last = pb.Entry()
+    last.CopyFrom(leader.raft.log.slice(3, 4)[0])
+    assert last.entry_type == pb.EntryConfChangeV2 and last.data == b""
+
+
+def test_conf_change_proposal_refused_while_previous_is_unapplied():
+    net = Network(3)
+    net.elect(1)
+    net.deferred_apply.add(1)
+    net.nodes[1].raw.propose_conf_change(conf_change(("add", 4)))
+    net.settle()
+    net.nodes[1].raw.propose_conf_change(conf_change(("add", 5)))
+    net.settle()
+    ents = net.nodes[2].applied
+    assert [e.entry_type for e in ents[-2:]] == [pb.EntryConfChangeV2, pb.EntryNormal]
+    assert ents[-1].data == b"", "the refused change is replaced by an empty normal entry"
