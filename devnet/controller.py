@@ -81,6 +81,7 @@ class SimController(controller_pb2_grpc.Consensus2ControllerServiceServicer):
         self.consensus = consensus_pb2_grpc.ConsensusServiceStub(self.consensus_ch)
         self.peers = {j: admin.aio_stub(grpc.aio.insecure_channel(f"127.0.0.1:{spec.controller_port(j)}"))
                       for j in range(spec.nodes) if j != index}
+        self.hub = admin.aio_stub(grpc.aio.insecure_channel(f"127.0.0.1:{spec.hub_admin_port()}"))
 
     # ---- helpers -----------------------------------------------------------------
     def config(self, height: int) -> common_pb2.ConsensusConfiguration:
@@ -235,13 +236,20 @@ class SimController(controller_pb2_grpc.Consensus2ControllerServiceServicer):
                  len(self.chain.validators))
 
     async def peer_heights(self) -> dict[int, int]:
+        """Heights of the peer controllers this node can reach. Block sync travels over the
+        network in CITA-Cloud, so the hub's partitions apply to it too (no hub: no sync)."""
+        try:
+            reachable = (await self.hub({"op": "reachable", "node": self.index}, timeout=0.5))["peers"]
+        except (grpc.aio.AioRpcError, KeyError):
+            return {}
+
         async def one(j):
             try:
                 r = await self.peers[j]({"op": "tip"}, timeout=0.5)
                 return j, int(r["height"])
             except (grpc.aio.AioRpcError, KeyError, ValueError):
                 return j, -1
-        return dict(await asyncio.gather(*(one(j) for j in self.peers)))
+        return dict(await asyncio.gather(*(one(j) for j in self.peers if j in reachable)))
 
     async def sync_loop(self) -> None:
         while True:

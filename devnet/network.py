@@ -189,6 +189,12 @@ class Hub:
             for s, d in req["links"]:
                 self.faults.cut.add((int(s), int(d)))
             return {"cut": sorted(list(c) for c in self.faults.cut)}
+        if op == "reachable":
+            # Peers a node can talk to both ways: the controllers' block sync goes over the
+            # chain's network in CITA-Cloud, so it must obey the same cuts.
+            i = int(req["node"])
+            return {"peers": [j for j in range(n) if j != i and (i, j) not in self.faults.cut
+                              and (j, i) not in self.faults.cut]}
         if op == "reset_stats":
             self.delivery_s.clear()
             return {"ok": True}

@@ -307,7 +307,13 @@ def test_controller_that_falls_behind_syncs_from_a_peer_and_reconfigures(devnet_
         p = ctl0.GetProposal(common_pb2.Empty()).proposal
         assert p.height == h
         assert ctl0.CommitBlock(pwp(h, p.data)).status.code == 0
+    # Sync goes over the (simulated) network: no hub or a cut link, no sync.
+    dn.start_hub()
+    dn.partition([[0], [1]])
     dn.start_controller(1)
+    time.sleep(1.0)   # three sync rounds (0.3 s each) that must not reach node0
+    assert dn.heights()[1] == 0, "a partitioned controller synced through the cut"
+    dn.heal()
     wait_for(lambda: dn.heights()[1] == 5, 15, "node1's controller to sync 5 blocks")
     rows, problems = dn.chains()
     assert problems == [] and rows[0]["tip"] == rows[1]["tip"]
