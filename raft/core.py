@@ -840,10 +840,12 @@ class Raft:
         if self.maybe_commit():
             if not self.skip_bcast_commit:
                 self.bcast_append()
-        elif old_paused:
+        elif old_paused and not self._bcast_pending:
             self.send_append(frm)
-        # The window may have opened for several batches at once.
-        while self.maybe_send_append(frm, False):
+        # The window may have opened for several batches at once. A broadcast due at this
+        # Ready (flush_appends) already refills it; sending here too would hand frm the
+        # same append twice (etcd/raft-rs broadcast at once, so they send it once).
+        while not self._bcast_pending and self.maybe_send_append(frm, False):
             pass
         if frm == self.lead_transferee and pr.matched == self.log.last_index():
             self._info("sent MsgTimeoutNow after received MsgAppResp", to=frm)
