@@ -268,8 +268,9 @@ class DiskStorage:
                 cut = (path, scan.good_end, scan.size - scan.good_end, scan.damage)
             records = scan.records
             if not records:
-                if pos == last_pos and pos > 0:
-                    # A crash while creating the segment (the previous one was synced first).
+                if pos == last_pos and pos > 0 and seq == recorded + 1:
+                    # A crash while creating the segment, before LAST named it (the
+                    # previous segment was synced first, so nothing is lost).
                     self.log.warning("wal: removing %s, left empty by a crash while it was created", path)
                     os.unlink(path)
                     fsync_dir(wal_dir)

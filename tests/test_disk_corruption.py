@@ -435,3 +435,11 @@ def test_hole_in_a_batch_followed_by_a_later_batch_is_corruption(tmp_path):
     punch_hole(seg, off)
     with pytest.raises(CorruptLog, match=f"offset {off}.*later sync"):
         open_ok(path)
+
+
+def test_newest_segment_emptied_after_it_was_in_use_is_corruption(multi_segment, tmp_path):
+    # LAST names it, so its header had been fsynced: an empty file means lost data.
+    path = copy_multi(multi_segment, tmp_path)
+    os.truncate(list_segments(wal_dir(path))[-1][1], 0)
+    with pytest.raises(CorruptLog, match="no valid SEGMENT record"):
+        open_ok(path)
