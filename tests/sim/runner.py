@@ -149,8 +149,6 @@ class Simulation:
         self._next_id = self.params.n_nodes + 1
         for nid in voters:
             self.nodes[nid] = SimNode(self, nid, self._new_backend(nid), voters)
-        # The service's first validator campaigns at once (cita-cloud.md §4.3).
-        self.nodes[1].campaign()
 
     def _new_backend(self, nid: int) -> Any:
         return self._backend_cls(nid, self.workdir, random.Random(self.rng.getrandbits(64)))
@@ -346,6 +344,8 @@ class Simulation:
         self.trace("params", 0, repr(p))
         heal_used: list[int] = []
         try:
+            # The service's first validator campaigns at once (cita-cloud.md §4.3).
+            self.nodes[1].campaign()
             for _ in range(p.chaos_steps):
                 self.step(chaos=True)
             self.heal()
