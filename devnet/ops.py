@@ -119,6 +119,8 @@ class Devnet:
                     block_interval=block_interval, tick_ms=tick_ms, heartbeat_tick=heartbeat_tick,
                     election_tick=election_tick, seed=seed, consensus=consensus, repo=REPO,
                     python=default_python(), log_level=log_level)
+        if base_port is not None and not ports_free(spec.all_ports()):
+            raise ValueError(f"some of the ports {spec.all_ports()} are in use; pick another --base-port")
         os.makedirs(dir, exist_ok=True)
         for i in range(nodes):
             os.makedirs(spec.node_dir(i), exist_ok=True)
