@@ -18,7 +18,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from cita_raft_pb import eraftpb_pb2 as pb
-from raft.errors import RaftError
+from raft.errors import ProposalDropped, RaftError, StepPeerNotFound
 
 from .checkers import (
     BOOT_DIGEST,
@@ -162,10 +162,13 @@ class SimNode:
     # ---- inputs --------------------------------------------------------------------
 
     def _call(self, what: str, fn: Any, *args: Any) -> Any:
-        """Run one core input; RaftErrors are answers, anything else is a core failure."""
+        """Run one core input. The documented refusals (ProposalDropped, StepPeerNotFound:
+        a response from a peer no longer in the config) are answers; any other error,
+        even a plain RaftError ("conflicts with committed entry", "commit index out of
+        range"), is the core detecting an impossible state, so the run fails."""
         try:
             return fn(*args)
-        except RaftError as e:
+        except (ProposalDropped, StepPeerNotFound) as e:
             self.sim.trace("refused", self.id, f"{what}: {type(e).__name__}: {e}")
             return e
 
