@@ -74,7 +74,7 @@ def raft_state(dn) -> list[tuple[int, int]]:
     out = []
     for i in ALL:
         m = dn.metrics(i)
-        if m.get("consensus_raft_peer_running") != 1 or not m.get("consensus_raft_term"):
+        if m.get("consensus_raft_peer_running", 1) != 1 or not m.get("consensus_raft_term"):
             m = {}
         out.append((int(m.get("consensus_raft_term", -1)), int(m.get("consensus_raft_commit_index", -1))))
     return out
