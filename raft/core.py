@@ -97,6 +97,9 @@ class Raft:
     ) -> None:
         config.validate()
         self.id = config.id
+        # Passed to pb.Message(...): setting "from" in the constructor is about twice as fast
+        # as setattr() afterwards ("from" is a Python keyword, so no attribute syntax).
+        self._from = {"from": config.id}
         self.config = config
         self.logger = logger or logging.getLogger("raft")
         self.rng = rng or random.Random(config.id)
@@ -267,8 +270,7 @@ class Raft:
         self.msgs.append(m)
 
     def _new_msg(self, to: int, msg_type: int) -> pb.Message:
-        m = pb.Message(msg_type=msg_type, to=to, term=self.term)
-        setattr(m, "from", self.id)
+        m = pb.Message(msg_type=msg_type, to=to, term=self.term, **self._from)
         return m
 
     def maybe_send_append(self, to: int, send_if_empty: bool) -> bool:
@@ -307,8 +309,8 @@ class Raft:
             log_term=term,
             entries=ents,
             commit=self.log.committed,
+            **self._from,
         )
-        setattr(m, "from", self.id)
         if ents:
             pr.update_state(ents[-1].index)
         self.msgs.append(m)
@@ -359,8 +361,7 @@ class Raft:
     def send_heartbeat(self, to: int, pr: Progress) -> None:
         # Paper §5.3 / raft-rs: a follower may not have the leader's whole log, so only
         # commit what it provably matches.
-        m = pb.Message(msg_type=MsgHeartbeat, to=to, term=self.term, commit=min(pr.matched, self.log.committed))
-        setattr(m, "from", self.id)
+        m = pb.Message(msg_type=MsgHeartbeat, to=to, term=self.term, commit=min(pr.matched, self.log.committed), **self._from)
         self.msgs.append(m)
 
     def bcast_heartbeat(self) -> None:
@@ -529,8 +530,8 @@ class Raft:
                 log_term=last_term,
                 commit=commit,
                 commit_term=commit_term,
+                **self._from,
             )
-            setattr(m, "from", self.id)
             if campaign_type == CAMPAIGN_TRANSFER:
                 m.context = campaign_type
             self.msgs.append(m)
@@ -976,14 +977,12 @@ class Raft:
         committed = self.log.committed
         if m.index < committed:
             # Already committed here: tell the leader where we are so it skips ahead.
-            r = pb.Message(msg_type=MsgAppendResponse, to=frm, term=self.term, index=committed, commit=committed)
-            setattr(r, "from", self.id)
+            r = pb.Message(msg_type=MsgAppendResponse, to=frm, term=self.term, index=committed, commit=committed, **self._from)
             self.msgs.append(r)
             return
         res = self.log.maybe_append(m.index, m.log_term, m.commit, m.entries)
         if res is not None:
-            r = pb.Message(msg_type=MsgAppendResponse, to=frm, term=self.term, index=res[1], commit=self.log.committed)
-            setattr(r, "from", self.id)
+            r = pb.Message(msg_type=MsgAppendResponse, to=frm, term=self.term, index=res[1], commit=self.log.committed, **self._from)
             self.msgs.append(r)
             return
         # Paper §5.3 consistency check failed. Tell the leader the largest index at or
@@ -1010,8 +1009,8 @@ class Raft:
             reject_hint=hint_index,
             log_term=hint_term,
             commit=self.log.committed,
+            **self._from,
         )
-        setattr(r, "from", self.id)
         self.msgs.append(r)
 
     def handle_heartbeat(self, m: pb.Message) -> None:
@@ -1030,8 +1029,8 @@ class Raft:
             term=self.term,
             context=m.context,
             commit=self.log.committed,
+            **self._from,
         )
-        setattr(r, "from", self.id)
         self.msgs.append(r)
 
     def handle_snapshot(self, m: pb.Message) -> None:
@@ -1046,8 +1045,7 @@ class Raft:
         else:
             self._info("ignored snapshot", snapshot_index=sindex, snapshot_term=sterm, commit=self.log.committed)
             index = self.log.committed
-        r = pb.Message(msg_type=MsgAppendResponse, to=frm, term=self.term, index=index)
-        setattr(r, "from", self.id)
+        r = pb.Message(msg_type=MsgAppendResponse, to=frm, term=self.term, index=index, **self._from)
         self.msgs.append(r)
 
     def restore(self, snap: pb.Snapshot) -> bool:
