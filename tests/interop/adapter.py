@@ -115,14 +115,20 @@ class AdapterNode:
                 self.emit(b"H", rd.hard_state.SerializeToString())
             self.storage.sync()
             # Send: both lists go out only now, after persisting, as the framing promises.
-            for m in rd.messages:
-                self.emit(b"M", m.SerializeToString())
-            for m in rd.persisted_messages:
-                self.emit(b"M", m.SerializeToString())
+            out, pack = self.out, _HDR.pack
+            for msgs in (rd.messages, rd.persisted_messages):
+                for m in msgs:
+                    b = m.SerializeToString()
+                    out += pack(len(b) + 1)
+                    out += b"M"
+                    out += b
             # Apply.
             last = 0
             for e in rd.committed_entries:
-                self.emit(b"E", e.SerializeToString())
+                b = e.SerializeToString()
+                out += pack(len(b) + 1)
+                out += b"E"
+                out += b
                 if e.entry_type == pb.EntryConfChangeV2:
                     cc = pb.ConfChangeV2()
                     try:
