@@ -70,6 +70,8 @@ def build(dest: Path | None = None) -> Oracle:
 
 def import_drive_cluster():
     """The oracle's read-only router module, imported in place (never copied)."""
+    if not (ORACLE_DIR / "drive_cluster.py").is_file():
+        raise OracleBuildError(f"the oracle's drive_cluster.py is not in {ORACLE_DIR} (set INTEROP_ORACLE_DIR)")
     d = str(ORACLE_DIR)
     if d not in sys.path:
         sys.path.append(d)
