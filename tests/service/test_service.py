@@ -107,6 +107,8 @@ def test_single_node_chain_produces_blocks(cluster):
     wait_for(lambda: node.ctrl.height >= 5, what="5 blocks on a single node")
     assert [h for m, h in node.ctrl.calls if m == "CommitBlock"][:5] == [1, 2, 3, 4, 5]
     assert node.service.node.status().role == raft.StateRole.Leader
+    # its own proposals need no CheckProposal round trip
+    assert not any(m == "CheckProposal" for m, _ in node.ctrl.calls)
 
 
 def test_three_nodes_agree_on_every_block(cluster):
