@@ -32,7 +32,7 @@ from .errors import (
 from .log import RaftLog
 from .progress import Progress, ProgressState, ProgressTracker
 from .quorum import VoteResult
-from .storage import Storage
+from .storage import Storage, limit_size
 
 INVALID_ID = 0
 CAMPAIGN_PRE_ELECTION = b"CampaignPreElection"
@@ -274,45 +274,68 @@ class Raft:
         return m
 
     def maybe_send_append(self, to: int, send_if_empty: bool) -> bool:
+        """Send `to` the entries from its next index (or a snapshot if they are compacted)."""
         pr = self.prs.progress.get(to)
-        if pr is None or pr.is_paused():
+        if pr is None:
             return False
+        st = pr.state
+        if st == ProgressState.Probe:
+            if pr.paused:
+                return False
+        elif st == ProgressState.Replicate:
+            if len(pr.ins._q) >= pr.ins.cap:
+                return False
+        else:
+            return False  # waiting for a snapshot
         if pr.pending_request_snapshot != 0:
             return self._prepare_send_snapshot(to, pr)
         lg = self.log
-        nxt = pr.next_idx
         u = lg.unstable
-        if nxt > u.offset and nxt - 1 - u.offset < len(u.entries):
-            # Hot path: the previous entry and all new ones are in the unstable tail.
-            term = u.entries[nxt - 1 - u.offset].term
-            ms = self.max_msg_size
+        off = u.offset
+        ue = u.entries
+        last = off + len(ue) - 1
+        nxt = pr.next_idx
+        prev = nxt - 1
+        if prev >= off:
+            term = ue[prev - off].term if prev - off < len(ue) else 0
+        else:
+            if prev < lg.first_index() - 1:
+                # The entry before next is compacted away: only a snapshot helps (§7).
+                return self._prepare_send_snapshot(to, pr)
+            term = lg.term(prev)
+        ms = self.max_msg_size
+        if nxt > last:
+            ents = []
+        elif nxt >= off:
+            # Hot path: everything to send is in the unstable tail.
             if ms == 0:
-                ents = u.entries[nxt - u.offset : nxt - u.offset + 1]
+                ents = ue[nxt - off : nxt - off + 1]
             else:
-                ents = lg.slice(nxt, lg.last_index() + 1, ms) if nxt <= lg.last_index() else []
+                ents = limit_size(ue[nxt - off :], ms)
         else:
             try:
-                term = lg.term(nxt - 1)
-                ents = lg.entries(nxt, self.max_msg_size)
+                ents = lg.slice(nxt, last + 1, ms)
             except Compacted:
                 return self._prepare_send_snapshot(to, pr)
         if not ents and not send_if_empty:
             return False
-        if term == 0 and pr.next_idx - 1 != 0 and pr.next_idx - 1 < self.log.first_index():
-            # The entry before next is compacted away (term unknown): only a snapshot helps.
-            return self._prepare_send_snapshot(to, pr)
         m = pb.Message(
             msg_type=MsgAppend,
             to=to,
             term=self.term,
-            index=pr.next_idx - 1,
+            index=prev,
             log_term=term,
             entries=ents,
-            commit=self.log.committed,
+            commit=lg.committed,
             **self._from,
         )
         if ents:
-            pr.update_state(ents[-1].index)
+            last_sent = ents[-1].index
+            if st == ProgressState.Replicate:
+                pr.next_idx = last_sent + 1
+                pr.ins.add(last_sent)
+            else:
+                pr.paused = True
         self.msgs.append(m)
         return True
 

@@ -170,13 +170,14 @@ class RaftLog:
 
     def maybe_append(self, index: int, log_term: int, committed: int, ents: list[pb.Entry]) -> tuple[int, int] | None:
         """AppendEntries receiver rules 2-5 (paper Fig. 2): (conflict index, last new index) or None."""
-        if not self.match_term(index, log_term):
+        if self.term(index) != log_term:
             return None
         last_new = index + len(ents)
         conflict = 0
         if ents:
             # Fast path: the first new entry is beyond our log, so it is the conflict.
-            if ents[0].index > self.last_index():
+            u = self.unstable
+            if ents[0].index > u.offset + len(u.entries) - 1:
                 conflict = ents[0].index
             else:
                 conflict = self.find_conflict(ents)
@@ -254,7 +255,8 @@ class RaftLog:
     def commit_to(self, index: int) -> None:
         if index <= self.committed:
             return  # never decrease commit
-        last = self.last_index()
+        u = self.unstable
+        last = u.offset + len(u.entries) - 1
         if index > last:
             raise RaftError(f"commit index {index} out of range [last index {last}], the log is lost or corrupt")
         self.committed = index
