@@ -353,6 +353,23 @@ def test_flow_control_one_entry_per_append(make_cluster, layout):
     c.assert_clean()
 
 
+@pytest.mark.parametrize("layout", ["PEE", "EPP"])
+def test_large_entries_split_by_max_size_per_msg(make_cluster, layout):
+    """Block-sized entries (150 KB) proposed 30 at a time: each implementation caps one append
+    at 1 MiB of entries (and always sends at least one), so a batch spans several appends."""
+    c = make_cluster(layout)
+    elect(c, 1)
+    rng = random.Random(7)
+    payloads = [rng.randbytes(150_000) for _ in range(30)]
+    c.propose(1, payloads, window=30)
+    appends = c.msg_types.get(E.MsgAppend, 0)
+    for i in c.nodes:
+        assert c.data_log(i) == payloads, f"node {i} ({c.layout[i]}) applied {len(c.data_log(i))} of 30"
+    assert_logs_identical(c, c.nodes)
+    assert appends >= 2 * 5, f"4.5 MB to two followers in <= 1 MiB appends needs >= 10 appends, saw {appends}"
+    c.assert_clean()
+
+
 # ---------------------------------------------------------------- randomized
 
 # refused proposals (no leader) and compactions repeated at an already compacted index
