@@ -578,9 +578,10 @@ class Raft:
     def step(self, m: pb.Message) -> None:
         """Process one message (local or from a peer); raft-rs's Raft::step."""
         t = m.msg_type
-        if m.term == 0:
-            pass  # local message
-        elif m.term > self.term:
+        mt = m.term
+        if mt == self.term or mt == 0:
+            pass  # the current term (the common case), or a local message
+        elif mt > self.term:
             if t == MsgRequestVote or t == MsgRequestPreVote:
                 force = m.context == CAMPAIGN_TRANSFER
                 in_lease = (
@@ -613,7 +614,7 @@ class Raft:
                     self.become_follower(m.term, getattr(m, "from"))
                 else:
                     self.become_follower(m.term, INVALID_ID)
-        elif m.term < self.term:
+        else:  # a message from an older term
             frm = getattr(m, "from")
             if (self.check_quorum or self.pre_vote) and t in (MsgHeartbeat, MsgAppend):
                 # A stale leader (e.g. after a partition) learns our term from this and
