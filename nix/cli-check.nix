@@ -37,7 +37,7 @@
   pid=$!
   serving=
   for _ in $(seq 150); do
-    if grpc-health-probe -addr=127.0.0.1:"$grpc_port" 2>/dev/null; then
+    if grpc-health-probe -addr=localhost:"$grpc_port" 2>/dev/null; then
       serving=1
       break
     fi

@@ -457,6 +457,10 @@ def test_replay_consensus_version_and_git_hash(replay, tree):
 
 
 def test_replay_runs_the_flake_cli_check(replay, tree):
+    """checks.cli on the pip build: versions, git hash, probe exit codes, and
+    the node's command (`consensus run -c ... --stdout`, controller and
+    network absent) answering `grpc-health-probe -addr=localhost:PORT`,
+    keeping its data under the working dir and exiting 0 on SIGTERM."""
     script = flake_eval(tree, f"checks.{SYSTEM}.cli.stubScript", raw=True)
     assert f"git version: {tree.short_rev}" in script
     out = replay.work / "cli-check-out"
@@ -680,44 +684,6 @@ def test_probe_tls(replay, tls_dir, tls_ports, server, args, code):
 def test_probe_invalid_arguments_exit_1(replay, args, message):
     proc = probe(replay, *args)
     assert proc.returncode == 1 and message in proc.stderr, (proc.returncode, proc.stderr)
-
-
-def test_node_command_serves_the_liveness_probe(replay, tmp_path):
-    """What the StatefulSet runs, outside Docker: `consensus run -c
-    /etc/cita-cloud/config/config.toml --stdout` in /data (here: temp dirs and
-    free ports; controller and network absent), answers the liveness probe,
-    keeps its data under the working dir and exits 0 on SIGTERM."""
-    data, etc = tmp_path / "data", tmp_path / "etc"
-    data.mkdir()
-    etc.mkdir()
-    grpc_port, network_port, controller_port = closed_port(), closed_port(), closed_port()
-    node_addr = (ROOT / "example" / "node_address").read_text().strip()
-    (etc / "config.toml").write_text(
-        "[consensus_raft]\n"
-        f'node_addr = "{node_addr}"\n'
-        f"grpc_listen_port = {grpc_port}\nnetwork_port = {network_port}\ncontroller_port = {controller_port}\n"
-        "enable_metrics = false\n")
-    log = (tmp_path / "consensus.log").open("w")
-    service = subprocess.Popen([replay.bin("consensus"), "run", "-c", etc / "config.toml", "--stdout"], cwd=data,
-                               env=replay.env(), stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        answer = None
-        while time.monotonic() < deadline and service.poll() is None:
-            answer = probe(replay, f"-addr=localhost:{grpc_port}")
-            if answer.returncode == 0:
-                break
-            time.sleep(0.2)
-        assert answer is not None and answer.returncode == 0, \
-            f"no SERVING answer within 30 s; last probe: {answer and answer.stderr}; service rc={service.poll()}"
-        service.send_signal(15)
-        assert service.wait(timeout=20) == 0, "consensus must exit 0 on SIGTERM"
-    finally:
-        if service.poll() is None:
-            service.kill()
-            service.wait(timeout=10)
-        log.close()
-    assert (data / "raft-data-dir").is_dir(), "raft data must land in <working dir>/raft-data-dir"
 
 
 # --------------------------------------------------------------------------
