@@ -660,7 +660,7 @@ OUTBOX_LIMIT = 1024         # raft messages queued per destination
 SNAPSHOT_EVERY = 1000       # applied entries between snapshots (and log compaction)
 KEEP_ENTRIES = 200          # entries kept below a snapshot for followers that lag a little
 SUPERVISE_SECONDS = 3.0     # as the original's main loop
-REREGISTER_SECONDS = 30.0   # re-registration with the network (a restarted network forgets us)
+REREGISTER_SECONDS = 10.0   # re-registration with the network (a restarted network forgets us)
 BOOTSTRAP_INDEX = BOOTSTRAP_TERM = 5  # must equal the Rust service's, on every node
 
 
@@ -705,6 +705,7 @@ class Service:
         self.grpc_server = None
         self.metrics_server = None
         self.registered = False
+        self.network_trouble = gevent.event.Event()  # a network call failed: re-register now
         self.fatal: str | None = None
 
     # ----- life cycle -----
@@ -825,7 +826,10 @@ class Service:
             except RpcFailed as e:
                 self.registered = False
                 self.once.fail("register", "%s; will retry every second", e)
-            self.stopping.wait(REREGISTER_SECONDS if self.registered else 1.0)
+            # A failed call to the network (it may have restarted and forgotten
+            # us) cuts the wait short.
+            self.network_trouble.clear()
+            self.network_trouble.wait(REREGISTER_SECONDS if self.registered else 1.0)
 
     def network_port(self) -> int:
         return self.cfg.network_port
@@ -896,6 +900,7 @@ class Service:
             except RpcFailed as e:
                 self.metrics.messages.labels("out", "failed").inc()
                 self.once.fail(f"send-{to}", "%s (raft peer %d)", e, to)
+                self.network_trouble.set()
 
     # ----- supervisor: start/stop raft from the validator set -----
 
@@ -970,6 +975,11 @@ class Service:
             self.node.campaign()   # the first validator starts the first election at once
         self.bootstrapped_now = False
         self.metrics.peer_running.set(1)
+        st = self.node.status()
+        self.metrics.term.set(st.term)
+        self.metrics.commit_index.set(st.commit)
+        self.metrics.applied_index.set(st.applied)
+        self.metrics.block_height.set(self.block_height)
         self.peer_greenlet = gevent.spawn(self.peer_loop)
         self.log.info("raft started: id %d, applied %d, block height %d, voters %s", self.id,
                       self.storage.applied_index(), self.block_height, sorted(self.conf_state.voters))
