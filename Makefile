@@ -26,11 +26,14 @@ proto: $(PB)/__init__.py
 $(PB)/__init__.py: $(PROTOS) scripts/genproto.py $(STAMP)
 	$(PY) scripts/genproto.py protos $(PB)
 
-# tests/service imports consensus.py, which monkey-patches the process with
-# gevent; it runs in a pytest process of its own.
+# Everything CI runs: unit tests (raft, storage, interop, devnet simulators,
+# packaging), then the service tests -- tests/service imports consensus.py,
+# which monkey-patches the process with gevent, so it gets a pytest process of
+# its own -- then the integration scenarios on real processes.
 test: setup
-	$(PY) -m pytest -q tests --ignore=tests/service
-	$(PY) -m pytest -q tests/service
+	$(PY) -m pytest -q tests --ignore=tests/service --durations=10
+	$(PY) -m pytest -q tests/service --durations=5
+	DEVNET_INTEGRATION=1 $(PY) -m pytest -q tests/integration --durations=5
 
 lint: setup
 	$(PY) -m ruff check .
