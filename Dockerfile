@@ -24,13 +24,13 @@ COPY scripts/ scripts/
 ARG GIT_HASH=unknown
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 
-# Code generation tools live in a throw-away venv, never in the image.
+# Code generation tools live in a throw-away venv (/opt/build), never in the
+# image; the service gets a venv of its own (/opt/consensus).
 RUN python -m venv /opt/build \
-    && /opt/build/bin/pip install -c requirements.txt grpcio-tools \
-    && PATH=/opt/build/bin:$PATH \
-    && python scripts/genproto.py protos cita_raft_pb \
-    && printf 'GIT_HASH = "%s"\n' "$GIT_HASH" > _version.py \
     && python -m venv /opt/consensus \
+    && /opt/build/bin/pip install -c requirements.txt grpcio-tools \
+    && /opt/build/bin/python scripts/genproto.py protos cita_raft_pb \
+    && printf 'GIT_HASH = "%s"\n' "$GIT_HASH" > _version.py \
     && /opt/consensus/bin/pip install -c requirements.txt . \
     && /opt/consensus/bin/consensus -V \
     && /opt/consensus/bin/consensus git

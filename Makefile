@@ -92,9 +92,14 @@ bench-raft: setup
 
 # packaging checks alone (Nix files against the stub nixpkgs, pip replay, probe,
 # Dockerfile lint; also part of `make test`); `make image` needs a Docker engine
-.PHONY: packaging image
+.PHONY: packaging image docker-replay
 packaging: setup
 	$(PY) -m pytest -q tests/test_packaging.py
+
+# the Dockerfile's build steps run on this host under a temp root (no engine needed;
+# two venvs, about a minute, not in CI): checks consensus -V/git and both probe names
+docker-replay: setup
+	$(PY) docker/replay_build.py $(if $(GIT_HASH),--git-hash $(GIT_HASH))
 
 image:
 	docker build --build-arg GIT_HASH=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown) \
