@@ -224,7 +224,8 @@ class RawNode:
         hs_key = (r.term, r.vote, lg.committed)
         prev = self._prev_hs_key
         if hs_key != prev:
-            rd.hard_state = pb.HardState(term=hs_key[0], vote=hs_key[1], commit=hs_key[2])
+            hs = rd.hard_state = pb.HardState()
+            hs.term, hs.vote, hs.commit = hs_key
             if hs_key[0] != prev[0] or hs_key[1] != prev[1]:
                 rd.must_sync = True
         u = lg.unstable
