@@ -92,6 +92,8 @@ class MixedCluster(Cluster):
         self.conf_states: dict[int, list[E.ConfState]] = {nid: [] for nid in argvs}
         self.hard_states: dict[int, list[E.HardState]] = {nid: [] for nid in argvs}
         self.snap_metas: dict[int, list[E.SnapshotMetadata]] = {nid: [] for nid in argvs}
+        # (applied index, ConfState) per node, from applied conf changes and installed snapshots
+        self.conf_at: dict[int, list[tuple[int, E.ConfState]]] = {nid: [] for nid in argvs}
         self._from_of_pending: list[int] = []
         super().__init__(argvs, reencode=self._capture)
 
@@ -214,11 +216,15 @@ class MixedCluster(Cluster):
     def process(self, outputs):
         super().process(outputs)
         for nid, frames in outputs.items():
+            applied = 0
             for op, p in frames:
-                if op == b"C":
+                if op == b"E":
+                    applied = _dc.entry(p)[2]
+                elif op == b"C":
                     cs = E.ConfState()
                     cs.ParseFromString(p)
                     self.conf_states[nid].append(cs)
+                    self.conf_at[nid].append((applied, cs))
                 elif op == b"H":
                     hs = E.HardState()
                     hs.ParseFromString(p)
@@ -227,6 +233,7 @@ class MixedCluster(Cluster):
                     sm = E.SnapshotMetadata()
                     sm.ParseFromString(p)
                     self.snap_metas[nid].append(sm)
+                    self.conf_at[nid].append((sm.index, sm.conf_state))
             # Election safety bookkeeping (Raft §5.2): the term a node leads in is the
             # term of its latest persisted hard state once this batch is processed.
             if self.nodes[nid].state == "StateLeader" and any(op == b"L" for op, _ in frames):
@@ -288,6 +295,18 @@ class MixedCluster(Cluster):
             if lead and self.nodes[lead].state == "StateLeader":
                 return lead
         return 0
+
+    def latest_leader(self) -> int:
+        """The node that says it leads at the highest term (0 if none does)."""
+        leaders = [i for i, n in self.nodes.items() if n.state == "StateLeader"]
+        return max(leaders, key=lambda i: self.hard_states[i][-1].term if self.hard_states[i] else 0, default=0)
+
+    def latest_config(self) -> E.ConfState:
+        """The configuration of the most advanced node (the last one it applied or installed)."""
+        best = max(self.nodes, key=self.applied_index)
+        if self.conf_at[best]:
+            return max(self.conf_at[best], key=lambda ic: ic[0])[1]
+        return E.ConfState(voters=self.voters)
 
     def roles(self) -> dict[int, tuple[str, int, str]]:
         return {i: (self.layout[i], n.lead, n.state) for i, n in self.nodes.items()}
