@@ -157,12 +157,24 @@ def _batched(n: int, seconds: float, wire: bool, batch: int, time_steps: bool) -
     return count / dt, c.step_time / max(c.steps, 1) * 1e6
 
 
+def calibration() -> float:
+    """Millions of trivial interpreter loop iterations per CPU second: a yardstick for how fast
+    this machine runs Python right now (it drops when other jobs share the cores)."""
+    n = 2_000_000
+    t0 = time.process_time()
+    total = 0
+    for i in range(n):
+        total += i
+    return n / (time.process_time() - t0) / 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--wire", action="store_true", help="serialize/parse every message")
     args = ap.parse_args()
     print(f"raft core benchmark ({'wire' if args.wire else 'in-memory objects'}, {args.seconds}s per figure)")
+    print(f"  yardstick: {calibration():.1f} M loop iterations per CPU second")
     for n in (3, 5):
         rate, per_step = bench_sequential(n, args.seconds, args.wire)
         print(f"  {n} nodes  sequential (1 in flight): {rate:9.0f} commits/s   step() {per_step:5.1f} us")
