@@ -9,6 +9,7 @@ so the tests that need the oracle fail with the reason instead of skipping.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -60,11 +61,21 @@ def build(dest: Path | None = None) -> Oracle:
     if not (ORACLE_DIR / "build_raftnode.sh").is_file():
         raise OracleBuildError(f"oracle sources not found in {ORACLE_DIR} (set INTEROP_ORACLE_DIR)")
     binary = dest / "raftnode"
-    _run(["sh", str(ORACLE_DIR / "build_raftnode.sh"), str(binary)], "build_raftnode.sh", timeout=1800)
     gen = dest / "gen"
-    _run(["sh", str(ORACLE_DIR / "gen_raftpb_pb2.sh"), str(gen)], "gen_raftpb_pb2.sh", timeout=300)
-    if not binary.is_file() or not (gen / "raftpb_pb2.py").is_file():
-        raise OracleBuildError(f"build reported success but {binary} or {gen}/raftpb_pb2.py is missing")
+    # Build beside the target and rename over it: other test runs in this checkout may be
+    # executing the old binary (a rewrite in place fails with ETXTBSY or truncates it).
+    tmp = dest / f".build-{os.getpid()}"
+    try:
+        _run(["sh", str(ORACLE_DIR / "build_raftnode.sh"), str(tmp / "raftnode")], "build_raftnode.sh",
+             timeout=1800)
+        _run(["sh", str(ORACLE_DIR / "gen_raftpb_pb2.sh"), str(tmp / "gen")], "gen_raftpb_pb2.sh", timeout=300)
+        if not (tmp / "raftnode").is_file() or not (tmp / "gen" / "raftpb_pb2.py").is_file():
+            raise OracleBuildError(f"build reported success but {tmp}/raftnode or raftpb_pb2.py is missing")
+        gen.mkdir(exist_ok=True)
+        os.replace(tmp / "raftnode", binary)
+        os.replace(tmp / "gen" / "raftpb_pb2.py", gen / "raftpb_pb2.py")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return Oracle(raftnode=binary, raftpb_dir=gen, oracle_dir=ORACLE_DIR)
 
 
