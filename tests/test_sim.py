@@ -73,6 +73,7 @@ def test_runs_exercise_the_faults_they_claim():
                   "committed entries handed out", "advanced"]
     for kind in [f"crash@{b}" for b in boundaries] + [
                  "crash between steps", "restart", "pause", "slow voter", "stale redelivery", "cc leave joint",
+                 "cc add_learner", "cc demote_voter",
                  "net isolate", "net bipartition", "net bridge", "net oneway_in", "net oneway_out",
                  "net leader_mute", "net leader_deaf", "net random_links", "transfer", "cc add", "cc remove",
                  "cc remove_leader", "cc replace_one", "cc replace_all", "propose ok"]:

@@ -1,6 +1,7 @@
 """The simulated clients and operators: proposals, membership changes
 (ConfChangeV2: add, remove incl. the leader, replace one, replace all, joint
-with auto or explicit leave), leader transfers, forced campaigns, compaction.
+with auto or explicit leave, learners added/promoted/demoted), leader
+transfers, forced campaigns, compaction.
 
 Changes are computed from the leader's applied conf state, as the service's
 `maybe_pending_conf_change` does; the core refuses what it must refuse.
@@ -19,10 +20,14 @@ MIN_VOTERS = 3
 MAX_VOTERS = 7
 
 
-def conf_change(adds: list[int], removes: list[int], transition: int = pb.Auto) -> pb.ConfChangeV2:
+def conf_change(
+    adds: list[int], removes: list[int], transition: int = pb.Auto, learners: list[int] | None = None
+) -> pb.ConfChangeV2:
     cc = pb.ConfChangeV2(transition=transition)
     for nid in adds:
         cc.changes.add(change_type=pb.AddNode, node_id=nid)
+    for nid in learners or []:
+        cc.changes.add(change_type=pb.AddLearnerNode, node_id=nid)
     for nid in removes:
         cc.changes.add(change_type=pb.RemoveNode, node_id=nid)
     return cc
@@ -91,10 +96,20 @@ class Workload:
                 leader.propose_conf_change(pb.ConfChangeV2())
             return
         voters = sorted(cs.voters)
-        kind = rng.choice(["add", "remove", "remove_leader", "replace_one", "replace_all"])
+        learners = sorted(cs.learners)
+        kind = rng.choice(["add", "remove", "remove_leader", "replace_one", "replace_all",
+                           "add_learner", "promote_learner", "demote_voter"])
         transition = rng.choice([pb.Auto, pb.Auto, pb.Implicit, pb.Explicit])
         if kind == "add" and len(voters) < MAX_VOTERS and sim.can_add(1):
             cc = conf_change([sim.new_node()], [], pb.Auto)
+        elif kind == "add_learner" and len(learners) < 2 and sim.can_add(1):
+            cc = conf_change([], [], pb.Auto, learners=[sim.new_node()])
+        elif kind == "promote_learner" and learners and len(voters) < MAX_VOTERS:
+            cc = conf_change([rng.choice(learners)], [], pb.Auto)
+        elif kind == "demote_voter" and len(voters) > MIN_VOTERS:
+            # Through a joint config when the transition asks for one: the voter waits
+            # in learners_next until the joint config is left.
+            cc = conf_change([], [], transition, learners=[rng.choice(voters)])
         elif kind == "remove" and len(voters) > MIN_VOTERS:
             others = [v for v in voters if v != leader.id]
             cc = conf_change([], [rng.choice(others)], pb.Auto)
