@@ -406,15 +406,31 @@ class DiskStorage:
                 f"in {snaps.dirpath}. {_RESTORE_HINT}"
             )
         last = base + len(entries)
+        hs_repaired = False  # recovery changed the hard state: write it back
         if hs.commit > last:
             # Only an unsynced (never acknowledged) tail can be missing here: damage
             # elsewhere raised above. raft-rs would refuse a commit beyond the log.
             self.log.warning(
-                "disk: hard state commit=%d beyond last index=%d after a torn tail; lowering it",
+                "disk: hard state commit=%d beyond last index=%d (entries lost with an unsynced tail); lowering it",
                 hs.commit,
                 last,
             )
             hs.commit = last
+            hs_repaired = True
+        last_term = entries[-1].term if entries else base_term
+        if last_term > hs.term:
+            # A torn tail kept a Ready's entries but not the hard state written after
+            # them. The term must cover every entry held (paper 5.1: a node adopts the
+            # term of any entry it accepts); no vote in that term was ever durable,
+            # hence never sent, so the vote is cleared.
+            self.log.warning(
+                "disk: hard state term=%d behind last entry term=%d (its record was lost with an unsynced tail "
+                "or never written); raising it, vote cleared",
+                hs.term,
+                last_term,
+            )
+            hs.term, hs.vote = last_term, 0
+            hs_repaired = True
 
         self._entries = entries
         self._base, self._base_term = base, base_term
@@ -445,6 +461,10 @@ class DiskStorage:
             # Write the install the crash interrupted, so that the WAL alone replays
             # to this state and entries appended from now on follow it without a gap.
             self._writer.add(Kind.SNAPSHOT, adopted.SerializeToString())
+            hs_repaired = True
+        if hs_repaired:
+            # Durable at once: the in-memory hard state must never run ahead of the
+            # WAL (an equal set_hardstate later writes no record).
             self._writer.add(Kind.HARDSTATE, hs.SerializeToString())
             self._writer.sync()
         self.log.info(

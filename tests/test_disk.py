@@ -342,7 +342,7 @@ def random_op(rng: random.Random, mem: MemoryStorage) -> tuple[str, object]:
     r = rng.random()
     if r < 0.35:
         start = rng.randint(max(first, hs.commit + 1), last + 1)
-        term = max(mem.term(start - 1), hs.term) + rng.randint(0, 1)
+        term = max(mem.term(start - 1), hs.term)  # entries never outrun the hard state's term
         n = rng.randint(1, 6)
         return "append", [
             pb.Entry(index=start + i, term=term, data=rng.randbytes(rng.randint(0, 40))) for i in range(n)
