@@ -443,3 +443,33 @@ def test_newest_segment_emptied_after_it_was_in_use_is_corruption(multi_segment,
     os.truncate(list_segments(wal_dir(path))[-1][1], 0)
     with pytest.raises(CorruptLog, match="no valid SEGMENT record"):
         open_ok(path)
+
+
+def test_entries_kept_without_their_hard_state_lift_the_term(tmp_path, caplog):
+    path = str(tmp_path / "data")
+    s = open_ok(path)
+    s.append(ents(1, 3, term=1))
+    s.set_hardstate(pb.HardState(term=1, vote=1, commit=2))
+    s.sync()
+    s.append(ents(4, 5, term=2))
+    s.set_hardstate(pb.HardState(term=2, vote=3, commit=2))
+
+    class TornInTheHardState:  # drives simulate_crash(rng) to keep all but the last 3 bytes
+        def random(self) -> float:
+            return 0.6
+
+        def randint(self, lo: int, hi: int) -> int:
+            return hi - 3
+
+    s.simulate_crash(TornInTheHardState())
+    with caplog.at_level(logging.WARNING):
+        s = open_ok(path)
+    assert s.last_index() == 5
+    assert s.initial_state().hard_state == pb.HardState(term=2, vote=0, commit=2), "term covers the entries"
+    assert any("behind last entry term=2" in r.getMessage() for r in caplog.records)
+    s.close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        s = open_ok(path)
+    assert s.initial_state().hard_state.term == 2 and not caplog.records, "the repair was written back"
+    s.close()
