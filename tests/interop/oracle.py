@@ -16,7 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-ORACLE_DIR = Path(os.environ.get("INTEROP_ORACLE_DIR", REPO.parent / "shared" / "oracle"))
+
+
+def _default_oracle_dir() -> Path:
+    """../shared/oracle beside the checkout, else the workplace's /work/shared."""
+    for candidate in (REPO.parent / "shared" / "oracle", Path("/work/shared/oracle")):
+        if (candidate / "build_raftnode.sh").is_file():
+            return candidate
+    return REPO.parent / "shared" / "oracle"
+
+
+ORACLE_DIR = Path(os.environ.get("INTEROP_ORACLE_DIR") or _default_oracle_dir())
 
 
 class OracleBuildError(RuntimeError):
