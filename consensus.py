@@ -1131,7 +1131,7 @@ class Service:
             node.advance_apply_to(index)
             self.metrics.applied_index.set(index)
             if index - self.storage.first_index() >= SNAPSHOT_EVERY + KEEP_ENTRIES:
-                self.compact(index, conf_state)
+                self.compact(index, conf_state, data)
         elif kind == "conf_change":
             entry, done = value
             cc = pb.ConfChangeV2.FromString(entry.data)
@@ -1152,9 +1152,12 @@ class Service:
         elif kind == "snapshot_applied":
             self.conf_state = value
 
-    def compact(self, applied: int, conf_state) -> None:
+    def compact(self, applied: int, conf_state, data: bytes) -> None:
+        """Snapshot at `applied` with the chain configuration as it was at that
+        entry (`data`; the applier may be further on already), then drop the
+        log below it but for KEEP_ENTRIES for followers that lag a little."""
         cs = conf_state if conf_state is not None else self.conf_state
-        self.storage.create_snapshot(applied, cs, self.consensus_config.SerializeToString())
+        self.storage.create_snapshot(applied, cs, data)
         target = max(self.storage.first_index(), applied - KEEP_ENTRIES)
         self.storage.compact(target)
         self.log.debug("snapshot at index %d, log compacted below %d", applied, target)

@@ -42,6 +42,7 @@ class FakeController(controller_pb2_grpc.Consensus2ControllerServiceServicer):
         self.unavailable = False
         self.schedule: dict[int, list[bytes]] = {}   # height -> validators from height+1
         self.lock = threading.Lock()
+        self.peers: list[FakeController] = []         # where a controller that is behind syncs from
         self.port = free_port()
         self.server = None
 
@@ -68,6 +69,14 @@ class FakeController(controller_pb2_grpc.Consensus2ControllerServiceServicer):
             return codes.pop(0)
         return 0
 
+    def sync_from_peers(self):
+        """As the real controller on ProposalTooHigh: fetch the missing blocks
+        from a peer that has them (here: copy them)."""
+        for peer in self.peers:
+            while peer.height > self.height and (self.height + 1) in peer.committed:
+                self.height += 1
+                self.committed[self.height] = peer.committed[self.height]
+
     def block_data(self, h: int) -> bytes:
         parent = hashlib.sha256(self.committed.get(h - 1, b"genesis")).hexdigest()[:16]
         return f"block {h} {parent}".encode()
@@ -91,6 +100,7 @@ class FakeController(controller_pb2_grpc.Consensus2ControllerServiceServicer):
         if request.height <= self.height:
             return common_pb2.StatusCode(code=129)
         if request.height > self.height + 1:
+            self.sync_from_peers()
             return common_pb2.StatusCode(code=128)
         if request.data != self.block_data(request.height):
             return common_pb2.StatusCode(code=130)
@@ -110,6 +120,7 @@ class FakeController(controller_pb2_grpc.Consensus2ControllerServiceServicer):
                 return common_pb2.ConsensusConfigurationResponse(status=common_pb2.StatusCode(code=0),
                                                                  config=self.config(h))
             if h > self.height + 1:
+                self.sync_from_peers()
                 return common_pb2.ConsensusConfigurationResponse(status=common_pb2.StatusCode(code=128),
                                                                  config=self.config(h))
             if request.proposal.data != self.block_data(h):

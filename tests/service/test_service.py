@@ -411,3 +411,29 @@ raft_data_path = "{data}"
     finally:
         ctrl.stop()
         net.stop()
+
+
+def test_lagging_follower_catches_up_through_a_snapshot(cluster, monkeypatch):
+    """A follower that was down while the leader compacted its log gets a
+    snapshot (the chain configuration at its index) and follows again."""
+    monkeypatch.setattr(consensus, "SNAPSHOT_EVERY", 10)
+    monkeypatch.setattr(consensus, "KEEP_ENTRIES", 2)
+    net, nodes = cluster(3)
+    for n in nodes:
+        n.ctrl.peers = [m.ctrl for m in nodes if m is not n]
+    wait_for(lambda: min(n.ctrl.height for n in nodes) >= 3, what="first blocks")
+    lagging = next(n for n in nodes if n.service.node.status().role != raft.StateRole.Leader)
+    lagging.stop()
+    others = [n for n in nodes if n is not lagging]
+    wait_for(lambda: min(n.ctrl.height for n in others) >= 40, timeout=60, what="40 blocks without the follower")
+    assert all(n.service.storage.first_index() > lagging.ctrl.height + 5 for n in others), "log not compacted"
+    lagging.start()
+    wait_for(lambda: lagging.service.storage.initial_state().hard_state.commit > 40, timeout=60,
+             what="the follower catching up")
+    snap = lagging.service.storage.snapshot(0, 0)
+    assert snap.metadata.index > 6, "caught up without a snapshot"
+    config = common_pb2.ConsensusConfiguration.FromString(snap.data)
+    assert config.height > 3 and list(config.validators) == [addr(0), addr(1), addr(2)]
+    top = max(n.ctrl.height for n in others)
+    wait_for(lambda: lagging.ctrl.height >= top, timeout=60, what="the follower's chain catching up")
+    assert_same_chain(nodes)
