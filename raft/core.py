@@ -1087,6 +1087,13 @@ class Raft:
         meta = snap.metadata
         if meta.index < self.log.committed:
             return False
+        if self.log.applying > self.log.applied:
+            # Committed entries are still with the applier: restoring now would switch
+            # the config under conf changes it has yet to apply (apply_conf_change would
+            # then compute them on the snapshot's config). The leader retries later.
+            self._info("ignored snapshot while committed entries are being applied",
+                       applying=self.log.applying, applied=self.log.applied, snapshot_index=meta.index)
+            return False
         if self.state != StateRole.Follower:
             # Defence in depth: only a follower may install a snapshot.
             self._warn("non-follower attempted to restore snapshot", state=self.state.name)
