@@ -1157,7 +1157,10 @@ class Service:
         entry (`data`; the applier may be further on already), then drop the
         log below it but for KEEP_ENTRIES for followers that lag a little."""
         cs = conf_state if conf_state is not None else self.conf_state
-        self.storage.create_snapshot(applied, cs, data)
+        try:
+            self.storage.create_snapshot(applied, cs, data)
+        except raft.errors.SnapshotTemporarilyUnavailable:
+            return  # a snapshot at or above `applied` exists already
         target = max(self.storage.first_index(), applied - KEEP_ENTRIES)
         self.storage.compact(target)
         self.log.debug("snapshot at index %d, log compacted below %d", applied, target)
@@ -1294,7 +1297,7 @@ class Service:
             return True
         if cs.voters_outgoing:
             return True  # joint: raft leaves it automatically
-        target = {raft.peer_id(v) for v in self.consensus_config.validators}
+        target = self.validator_ids()
         current = set(cs.voters)
         if not target or target == current:
             return False
@@ -1319,6 +1322,16 @@ class Service:
         self.cc_pending = True
         self.log.info("proposed conf change: add %s, remove %s", sorted(added), sorted(removed))
         return True
+
+    _validator_ids_cache: tuple = ((), frozenset())
+
+    def validator_ids(self) -> frozenset:
+        """Raft ids of the current validators (SipHash is costly in Python:
+        computed again only when the validator list changes)."""
+        validators = tuple(self.consensus_config.validators)
+        if self._validator_ids_cache[0] != validators:
+            self._validator_ids_cache = (validators, frozenset(raft.peer_id(v) for v in validators))
+        return self._validator_ids_cache[1]
 
     def handoff(self, done) -> None:
         """Before a graceful stop: hand leadership to an up-to-date validator
