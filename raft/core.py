@@ -199,6 +199,10 @@ class Raft:
 
     def _reset(self, term: int) -> None:
         if self.term != term:
+            # Append acks of an older term still waiting for their Ready may vouch for
+            # entries the new term's leader overwrites before they are persisted; they
+            # are stale for their leader anyway, so drop them (paper §5.3).
+            self.msgs = [m for m in self.msgs if m.msg_type != MsgAppendResponse or m.term >= term]
             self.term = term
             self.vote = INVALID_ID
         self.leader_id = INVALID_ID

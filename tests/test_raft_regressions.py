@@ -63,3 +63,25 @@ def test_snapshot_does_not_switch_the_config_under_unapplied_conf_changes():
     raw.advance_apply_to(6)
     assert sorted(cs.voters) == [1, 2, 4]
     assert sorted(cs.voters_outgoing) == [1, 2, 3], f"conf change applied on the wrong config: {cs}"
+
+
+def test_no_append_ack_for_an_entry_truncated_before_it_was_persisted():
+    """Seed 200173 (make soak): a follower acked index 7 to the term-7 leader, but the
+    Ready carrying that ack was not taken yet when a term-8 leader's append truncated
+    the (unpersisted) entry 7. The old ack then left with the next Ready, whose log
+    ended at 6: the term-7 leader could count an entry this node does not hold."""
+    raw, st = _bootstrapped_follower(3, [1, 2, 3])
+    e6, e7 = pb.Entry(term=6, index=6, data=b"a"), pb.Entry(term=6, index=7, data=b"b")
+    raw.step(_msg(pb.MsgAppend, 1, 3, 6, index=5, log_term=5, commit=5, entries=[e6, e7]))
+    _persist(raw, st)
+    # Term 7 leader 2 overwrites index 7; the ack waits for the next Ready (slow disk).
+    raw.step(_msg(pb.MsgAppend, 2, 3, 7, index=6, log_term=6, commit=5,
+                  entries=[pb.Entry(term=7, index=7, data=b"c")]))
+    # Term 8 leader 1 overwrites from index 6 before that Ready is taken.
+    raw.step(_msg(pb.MsgAppend, 1, 3, 8, index=5, log_term=5, commit=5,
+                  entries=[pb.Entry(term=8, index=6, data=b"d")]))
+    rd = raw.ready()
+    last = rd.entries[-1].index if rd.entries else st.last_index()
+    acks = [(m.to, m.term, m.index) for m in rd.persisted_messages + rd.messages
+            if m.msg_type == pb.MsgAppendResponse and not m.reject]
+    assert all(index <= last for _, _, index in acks), f"acks {acks} beyond the persisted log end {last}"
