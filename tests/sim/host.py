@@ -317,8 +317,9 @@ class SimNode:
                 target = sim.nodes.get(m.to)
                 ok = target is not None and target.alive and not sim.net.is_cut(self.id, m.to)
                 self.snapshot_reports.append((m.to, ok))
-            # A follower forwards a client's MsgPropose with the proposer's id (raft-rs does too).
-            if getattr(m, "from") != self.id and m.msg_type != pb.MsgPropose:
+            # A follower forwards a client's MsgPropose with the proposer's id, and a
+            # MsgTransferLeader with the transferee's id (raft-rs does both).
+            if getattr(m, "from") != self.id and m.msg_type not in (pb.MsgPropose, pb.MsgTransferLeader):
                 raise InvariantViolation(f"node {self.id} emitted a message with from={getattr(m, 'from')}")
             sim.checker.on_send(self.id, m, self.durable_hs, self.durable_last)
             sim.send(self.id, m)
