@@ -637,11 +637,11 @@ class OnceLogger:
         text = message % args if args else message
         if self.failing.get(key) != text:
             self.failing[key] = text
-            self.log.warning(text, **kw)
+            self.log.warning(text, stacklevel=2, **kw)  # log lines name the caller
 
     def ok(self, key: str, message: str | None = None) -> None:
         if self.failing.pop(key, None) is not None and message:
-            self.log.info(message)
+            self.log.info(message, stacklevel=2)
 
 
 # --------------------------------------------------------------------------
@@ -921,7 +921,8 @@ class Service:
             try:
                 code, config = self.controller.ping()
             except RpcFailed as e:
-                self.once.fail("ping", "%s; will retry", e, extra=ctx(tag="controller"))
+                self.once.fail("ping", "cannot get the chain configuration (CommitBlock ping): %s; will retry",
+                               e, extra=ctx(tag="controller"))
                 return
             if code != SUCCESS or config is None:
                 self.once.fail("ping", "controller CommitBlock ping returned %s, will retry", code_name(code))
