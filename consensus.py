@@ -888,9 +888,11 @@ class Service:
                 self.metrics.messages.labels("out", "dropped_no_route").inc()
                 self.broadcast_probe()
                 continue
+            ok = False
             try:
                 code = self.network.send(origin, "raft", m.SerializeToString())
                 if code == SUCCESS:
+                    ok = True
                     self.metrics.messages.labels("out", "sent").inc()
                     self.once.ok(f"send-{to}", f"network SendMsg to raft peer {to} works again")
                 else:
@@ -901,6 +903,13 @@ class Service:
                 self.metrics.messages.labels("out", "failed").inc()
                 self.once.fail(f"send-{to}", "%s (raft peer %d)", e, to)
                 self.network_trouble.set()
+            if m.msg_type == pb.MsgSnapshot:
+                # Raft waits for this report before it sends that follower
+                # anything else; a lost snapshot must be reported or the
+                # follower stays stuck.
+                self.put_command(("snapshot_status", (to, ok)), force=True)
+            elif not ok:
+                self.put_command(("unreachable", to), force=True)
 
     # ----- supervisor: start/stop raft from the validator set -----
 
@@ -1130,6 +1139,10 @@ class Service:
             index, conf_state, data = value
             self.storage.set_applied(index, conf_state, data)
             node.advance_apply_to(index)
+            if conf_state is not None:
+                # A member added by this change accepts only a snapshot that
+                # lists it: keep one at the change.
+                self.compact(index, conf_state, data, keep_log=True)
             self.metrics.applied_index.set(index)
             if index - self.storage.first_index() >= SNAPSHOT_EVERY + KEEP_ENTRIES:
                 self.compact(index, conf_state, data)
@@ -1150,10 +1163,20 @@ class Service:
             self.on_new_config(value)
         elif kind == "handoff":
             self.handoff(value)
-        elif kind == "snapshot_applied":
-            self.conf_state = value
+        elif kind == "snapshot_status":
+            to, ok = value
+            try:
+                node.report_snapshot(to, ok)
+            except raft.errors.RaftError:
+                return  # no longer a peer
+            self.log.info("snapshot to raft peer %d %s", to, "sent" if ok else "failed, will retry")
+        elif kind == "unreachable":
+            try:
+                node.report_unreachable(value)
+            except raft.errors.RaftError:
+                pass
 
-    def compact(self, applied: int, conf_state, data: bytes) -> None:
+    def compact(self, applied: int, conf_state, data: bytes, keep_log: bool = False) -> None:
         """Snapshot at `applied` with the chain configuration as it was at that
         entry (`data`; the applier may be further on already), then drop the
         log below it but for KEEP_ENTRIES for followers that lag a little."""
@@ -1162,6 +1185,8 @@ class Service:
             self.storage.create_snapshot(applied, cs, data)
         except raft.errors.SnapshotTemporarilyUnavailable:
             return  # a snapshot at or above `applied` exists already
+        if keep_log:
+            return
         target = max(self.storage.first_index(), applied - KEEP_ENTRIES)
         self.storage.compact(target)
         self.log.debug("snapshot at index %d, log compacted below %d", applied, target)
@@ -1579,7 +1604,9 @@ class NetworkMsgHandler:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               f"undecodable raft message ({len(request.msg)} bytes) from origin {origin}")
             sender = getattr(msg, "from")
-            s.learn_origin(sender, origin)
+            if msg.msg_type not in (pb.MsgPropose, pb.MsgTransferLeader):
+                # forwarded messages keep the original sender's id in `from`
+                s.learn_origin(sender, origin)
             if msg.to != s.id:
                 # The sender's mailbook points at us for another id: tell it.
                 s.send_control(origin, "refresh", u64_be(msg.to))

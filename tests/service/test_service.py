@@ -414,7 +414,7 @@ raft_data_path = "{data}"
         net.stop()
 
 
-def test_lagging_follower_catches_up_through_a_snapshot(cluster, monkeypatch):
+def test_lagging_follower_catches_up_through_a_snapshot(cluster, monkeypatch, caplog):
     """A follower that was down while the leader compacted its log gets a
     snapshot (the chain configuration at its index) and follows again."""
     monkeypatch.setattr(consensus, "SNAPSHOT_EVERY", 10)
@@ -438,3 +438,5 @@ def test_lagging_follower_catches_up_through_a_snapshot(cluster, monkeypatch):
     top = max(n.ctrl.height for n in others)
     wait_for(lambda: lagging.ctrl.height >= top, timeout=60, what="the follower's chain catching up")
     assert_same_chain(nodes)
+    # the leader told raft that the snapshot went out (else the follower stays in Snapshot state)
+    assert any("snapshot to raft peer" in r.getMessage() and " sent" in r.getMessage() for r in caplog.records)
