@@ -580,16 +580,14 @@ class ControllerClient:
     def check_proposal(self, proposal) -> int:
         return self._call("CheckProposal", proposal, 30.0).code
 
-    def commit_block(self, proposal, proof: bytes = b""):
+    def commit_block(self, proposal, proof: bytes = b"", timeout: float = 60.0):
         """(status code, ConsensusConfiguration or None)."""
-        reply = self._call("CommitBlock", common_pb2.ProposalWithProof(proposal=proposal, proof=proof), 60.0)
+        reply = self._call("CommitBlock", common_pb2.ProposalWithProof(proposal=proposal, proof=proof), timeout)
         return reply.status.code, (reply.config if reply.HasField("config") else None)
 
     def ping(self):
         """CommitBlock at height 2^64-1: the controller's current configuration."""
-        reply = self._call("CommitBlock", common_pb2.ProposalWithProof(
-            proposal=common_pb2.Proposal(height=PING_HEIGHT, data=b"")), 5.0)
-        return reply.status.code, (reply.config if reply.HasField("config") else None)
+        return self.commit_block(common_pb2.Proposal(height=PING_HEIGHT, data=b""), timeout=5.0)
 
     def close(self):
         self.channel.close()
@@ -707,6 +705,10 @@ class Service:
         self.block_height = 0                 # height of the last block applied through raft
         self.controller_height = 0            # latest height the controller told us
         self.abort_height_mem = 0
+        self.bootstrapped_now = False         # this start made the bootstrap snapshot
+        self.last_block_time = 0.0            # monotonic time the last block was applied (pacing)
+        self.own_proposal = (0, b"", 0.0)     # (height, data, proposed at) of our latest proposal
+        self._validator_ids_cache = ((), frozenset())
         self.last_probe = 0.0
         self.grpc_server = None
         self.metrics_server = None
@@ -821,7 +823,7 @@ class Service:
                 code = self.network.register(self.cfg.grpc_listen_port)
                 if code == SUCCESS:
                     if not self.registered:
-                        self.log.info("registered with the network on port %d", self.network_port())
+                        self.log.info("registered with the network on port %d", self.cfg.network_port)
                         self.registered = True
                         self.broadcast_probe(force=True)
                     self.once.ok("register")
@@ -836,9 +838,6 @@ class Service:
             # us) cuts the wait short.
             self.network_trouble.clear()
             self.network_trouble.wait(REREGISTER_SECONDS if self.registered else 1.0)
-
-    def network_port(self) -> int:
-        return self.cfg.network_port
 
     def broadcast_probe(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -1000,8 +999,6 @@ class Service:
         self.log.info("raft started: id %d, applied %d, block height %d, voters %s", self.id,
                       self.storage.applied_index(), self.block_height, sorted(self.conf_state.voters))
 
-    bootstrapped_now = False
-
     def bootstrap(self, config) -> None:
         """An empty data dir: start from the synthetic snapshot every node of the
         chain derives identically (index 5, term 5, all validators as voters)."""
@@ -1095,7 +1092,7 @@ class Service:
         next_tick = time.monotonic() + tick_s
         self.role = None
         self.leader = 0
-        self.proposal_in_flight = None     # (height, raft index, started monotonic) while proposed
+        self.proposal_in_flight = None     # (height, started monotonic) while proposed
         self.fetching = False
         self.cc_pending = False
         self.last_progress = time.monotonic()  # last time the leader proposed a valid block
@@ -1235,7 +1232,7 @@ class Service:
         # Only one block at a time, and only once everything in the log is
         # applied, so the controller's height tells the next height exactly.
         if self.proposal_in_flight is not None:
-            height, index, started = self.proposal_in_flight
+            height, started = self.proposal_in_flight
             if self.block_height >= height:
                 self.proposal_in_flight = None
                 self.last_progress = now
@@ -1265,11 +1262,9 @@ class Service:
         if now - self.last_block_time < self.block_interval():
             return
         self.fetching = True
-        gevent.spawn(self.fetch_proposal, self.block_height)
+        gevent.spawn(self.fetch_proposal)
 
-    last_block_time = 0.0
-
-    def fetch_proposal(self, height: int) -> None:
+    def fetch_proposal(self) -> None:
         try:
             code, proposal = self.controller.get_proposal()
         except RpcFailed as e:
@@ -1305,7 +1300,7 @@ class Service:
             return
         self.metrics.proposals.labels("proposed").inc()
         now = time.monotonic()
-        self.proposal_in_flight = (proposal.height, st.last_index + 1, now)
+        self.proposal_in_flight = (proposal.height, now)
         # Remember what we proposed: our own controller made it, so applying
         # it needs no CheckProposal round trip (the controller would answer 0
         # from its cache anyway), and its commit latency is measured.
@@ -1313,7 +1308,6 @@ class Service:
         self.last_progress = now
         self.log.debug("proposed block %d at index %d", proposal.height, st.last_index + 1)
 
-    own_proposal = (0, b"", 0.0)  # (height, data, proposed at) of our latest proposal
 
     def transfer_target(self, st, allowed: set[int]) -> int:
         """An up-to-date follower: Replicate state and fully matched."""
@@ -1354,8 +1348,6 @@ class Service:
         self.cc_pending = True
         self.log.info("proposed conf change: add %s, remove %s", sorted(added), sorted(removed))
         return True
-
-    _validator_ids_cache: tuple = ((), frozenset())
 
     def validator_ids(self) -> frozenset:
         """Raft ids of the current validators (SipHash is costly in Python:
