@@ -47,7 +47,7 @@ from raft.errors import (
     Unavailable,
 )
 from raft.snapshot import SnapshotStore
-from raft.storage import RaftState, limit_size
+from raft.storage import RaftState, limit_size, new_snapshot
 from raft.wal import Kind, WalWriter, fsync_dir, list_segments, read_last_seq, scan_segment, segment_name
 
 __all__ = ["DiskStorage", "STORE_DIR"]
@@ -588,17 +588,7 @@ class DiskStorage:
         """Write a snapshot at `index` (already applied by the host) durably; keep the
         newest two files and delete WAL segments the older of them covers."""
         self._writer.check()
-        if index <= self._snapshot.metadata.index:
-            raise SnapshotTemporarilyUnavailable(
-                f"snapshot at {index} is not newer than {self._snapshot.metadata.index}"
-            )
-        if index > self.last_index():
-            raise Unavailable(f"create_snapshot({index}) above last index {self.last_index()}")
-        snap = pb.Snapshot(data=data)
-        snap.metadata.index = index
-        snap.metadata.term = self.term(index)
-        if conf_state is not None:
-            snap.metadata.conf_state.CopyFrom(conf_state)
+        snap = new_snapshot(self, self._snapshot, index, conf_state, data)
         # The applied record that justifies this snapshot goes to disk first, so a
         # restart never finds a snapshot newer than its applied index.
         self._writer.sync()

@@ -165,15 +165,7 @@ class MemoryStorage:
 
     def create_snapshot(self, index: int, conf_state: pb.ConfState | None, data: bytes) -> pb.Snapshot:
         """Record a snapshot at `index` (already applied by the host) with this conf state and data."""
-        if index <= self._snapshot.metadata.index:
-            raise SnapshotTemporarilyUnavailable(f"snapshot at {index} is not newer than {self._snapshot.metadata.index}")
-        if index > self.last_index():
-            raise Unavailable(f"create_snapshot({index}) above last index {self.last_index()}")
-        snap = pb.Snapshot(data=data)
-        snap.metadata.index = index
-        snap.metadata.term = self.term(index)
-        if conf_state is not None:
-            snap.metadata.conf_state.CopyFrom(conf_state)
+        snap = new_snapshot(self, self._snapshot, index, conf_state, data)
         self._snapshot = snap
         return snap
 
@@ -191,3 +183,19 @@ class MemoryStorage:
 
     def sync(self) -> None:
         """Nothing to make durable in memory."""
+
+
+def new_snapshot(storage, current: pb.Snapshot, index: int, conf_state: pb.ConfState | None,
+                 data: bytes) -> pb.Snapshot:
+    """The snapshot `create_snapshot(index, ...)` makes on any storage: newer than
+    `current`, within the log, with the term of `index`."""
+    if index <= current.metadata.index:
+        raise SnapshotTemporarilyUnavailable(f"snapshot at {index} is not newer than {current.metadata.index}")
+    if index > storage.last_index():
+        raise Unavailable(f"create_snapshot({index}) above last index {storage.last_index()}")
+    snap = pb.Snapshot(data=data)
+    snap.metadata.index = index
+    snap.metadata.term = storage.term(index)
+    if conf_state is not None:
+        snap.metadata.conf_state.CopyFrom(conf_state)
+    return snap
