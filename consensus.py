@@ -982,6 +982,7 @@ class Service:
                           applied=self.storage.applied_index(), check_quorum=self.cfg.check_quorum,
                           pre_vote=self.cfg.pre_vote, max_size_per_msg=1024 * 1024, max_inflight_msgs=256)
         self.node = raft.RawNode(cfg, self.storage, logger=logging.getLogger("raft"))
+        self.skip_bcast_commit = False
         self.conf_state = self.storage.initial_state().conf_state
         if not self.consensus_config.validators:
             self.consensus_config = config
@@ -1208,6 +1209,14 @@ class Service:
             height=self.block_height, block_interval=config.block_interval, validators=config.validators)
 
     def on_tick(self) -> None:
+        # With block_interval 0 the next block's append follows the commit within
+        # milliseconds and carries the new commit index: skip the extra round of
+        # empty appends (and their responses) that would only announce it. Any other
+        # interval announces it at once (a heartbeat is also a fallback).
+        skip = self.consensus_config.block_interval == 0
+        if skip != self.skip_bcast_commit:
+            self.skip_bcast_commit = skip
+            self.node.skip_bcast_commit(skip)
         st = self.node.status()
         self.metrics.term.set(st.term)
         self.metrics.commit_index.set(st.commit)
@@ -1383,6 +1392,9 @@ class Service:
             self.on_soft_state(rd.soft_state)
         if rd.messages:
             self.send_raft(rd.messages)
+            # Let the senders hand these to gRPC before the fsync below blocks
+            # this process: the leader's disk write overlaps the followers'.
+            gevent.sleep(0)
         if rd.snapshot is not None and rd.snapshot.metadata.index:
             self.install_snapshot(rd.snapshot)
         if rd.entries:

@@ -395,6 +395,12 @@ class Raft:
         m.commit = min(pr.matched, self.log.committed)
         self.msgs.append(m)
 
+    def should_bcast_commit(self) -> bool:
+        """Tell followers a new commit index at once, unless skip_bcast_commit is set
+        (the next append or heartbeat carries it). A pending conf change is always
+        broadcast (raft-rs), so the whole cluster moves to the new config promptly."""
+        return not self.skip_bcast_commit or self.pending_conf_index > self.log.applied
+
     def bcast_heartbeat(self) -> None:
         for pid, pr in self.prs.progress.items():
             if pid != self.id:
@@ -424,7 +430,7 @@ class Raft:
         if self.state == StateRole.Leader:
             pr = self.prs.progress.get(self.id)
             if pr is not None and pr.maybe_update(self.log.persisted):
-                if self.maybe_commit() and not self.skip_bcast_commit:
+                if self.maybe_commit() and self.should_bcast_commit():
                     self.bcast_append()
 
     def on_persist_snap(self, index: int) -> None:
@@ -871,7 +877,7 @@ class Raft:
             pr.ins.free_to(m.index)
 
         if self.maybe_commit():
-            if not self.skip_bcast_commit:
+            if self.should_bcast_commit():
                 self.bcast_append()
         elif old_paused and not self._bcast_pending:
             self.send_append(frm)

@@ -157,6 +157,10 @@ class RawNode:
         setattr(m, "from", transferee)
         self.raft.step(m)
 
+    def skip_bcast_commit(self, skip: bool) -> None:
+        """Switch Config.skip_bcast_commit at run time (raft-rs RawNode::skip_bcast_commit)."""
+        self.raft.skip_bcast_commit = skip
+
     def step(self, msg: pb.Message) -> None:
         """Feed a message from a peer. Local-only types raise StepLocalMsg; responses from
         unknown peers raise StepPeerNotFound (raft-rs)."""

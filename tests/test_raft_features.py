@@ -269,3 +269,52 @@ def test_pre_vote_granted_only_to_up_to_date_log():
     got = {m.to: m.reject for m in rd.messages + rd.persisted_messages}
     assert got == {3: True, 1: False}
     assert r.raft.term == 1 and r.raft.vote == 0, "pre-vote must not change term or vote"
+
+
+# ---- skip_bcast_commit (raft-rs Config / RawNode::skip_bcast_commit) --------------------
+
+
+def commits(net):
+    return {nid: n.raft.log.committed for nid, n in net.nodes.items()}
+
+
+def test_skip_bcast_commit_followers_learn_commit_with_the_next_append():
+    net = Network(3, skip_bcast_commit=True)
+    net.elect(1)
+    base = commits(net)[1]
+    net.propose(1, b"a")
+    c = commits(net)
+    # The leader committed "a"; nothing told the followers yet (no empty append was broadcast).
+    assert c[1] == base + 1 and c[2] == base and c[3] == base
+    net.propose(1, b"b")
+    c = commits(net)
+    # The append carrying "b" carried the commit of "a".
+    assert c[1] == base + 2 and c[2] == base + 1 and c[3] == base + 1
+    net.tick(net.cfg["heartbeat_tick"], nodes=[1])
+    net.settle()
+    # A heartbeat carries it too.
+    assert set(commits(net).values()) == {base + 2}
+
+
+def test_skip_bcast_commit_can_be_switched_at_run_time():
+    net = Network(3, skip_bcast_commit=True)
+    net.elect(1)
+    net.nodes[1].raw.skip_bcast_commit(False)
+    net.propose(1, b"a")
+    assert len(set(commits(net).values())) == 1
+    net.nodes[1].raw.skip_bcast_commit(True)
+    net.propose(1, b"b")
+    c = commits(net)
+    assert c[2] == c[1] - 1
+
+
+def test_skip_bcast_commit_still_broadcasts_a_pending_conf_change():
+    from tests.raft_harness import conf_change
+
+    net = Network(3, skip_bcast_commit=True)
+    net.elect(1)
+    net.nodes[1].raw.propose_conf_change(conf_change(("remove", 3)))
+    net.settle()
+    c = commits(net)
+    # The conf change's commit was broadcast at once: followers apply it without waiting.
+    assert c[1] == c[2]
