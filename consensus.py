@@ -1401,7 +1401,12 @@ class Service:
             self.storage.append(rd.entries)
         if rd.hard_state is not None:
             self.storage.set_hardstate(rd.hard_state)
-        if rd.entries or rd.hard_state is not None or rd.snapshot is not None or rd.must_sync:
+        # fsync only what raft needs durable before it answers anyone: entries, a
+        # snapshot, a new term or vote (must_sync, as etcd's MustSync). A new commit
+        # index alone is written and goes to disk with the next sync; a restart that
+        # finds an older one learns it again from the leader (and the applied record
+        # that follows it in the WAL can never survive without it).
+        if rd.must_sync:
             t0 = time.perf_counter()
             self.storage.sync()
             self.metrics.fsync.observe((time.perf_counter() - t0) * 1000)
