@@ -481,6 +481,7 @@ class Metrics:
         self.leader_id = g("consensus_raft_leader_id", "raft id of the known leader (0: none)", registry=r)
         self.commit_index = g("consensus_raft_commit_index", "raft commit index", registry=r)
         self.applied_index = g("consensus_raft_applied_index", "raft applied index", registry=r)
+        self.last_index = g("consensus_raft_last_index", "index of the last entry in the raft log", registry=r)
         self.block_height = g("consensus_raft_block_height", "height of the last block committed", registry=r)
         self.peer_running = g("consensus_raft_peer_running", "1 while this node takes part in raft", registry=r)
         self.elections = c("consensus_raft_elections", "elections this node started", registry=r)
@@ -994,6 +995,7 @@ class Service:
         st = self.node.status()
         self.metrics.term.set(st.term)
         self.metrics.commit_index.set(st.commit)
+        self.metrics.last_index.set(st.last_index)
         self.metrics.applied_index.set(st.applied)
         self.metrics.block_height.set(self.block_height)
         self.peer_greenlet = gevent.spawn(self.peer_loop)
@@ -1220,6 +1222,7 @@ class Service:
         st = self.node.status()
         self.metrics.term.set(st.term)
         self.metrics.commit_index.set(st.commit)
+        self.metrics.last_index.set(st.last_index)
         if st.role == raft.StateRole.Leader:
             self.leader_duties(st)
 
