@@ -983,7 +983,6 @@ class Service:
                           applied=self.storage.applied_index(), check_quorum=self.cfg.check_quorum,
                           pre_vote=self.cfg.pre_vote, max_size_per_msg=1024 * 1024, max_inflight_msgs=256)
         self.node = raft.RawNode(cfg, self.storage, logger=logging.getLogger("raft"))
-        self.skip_bcast_commit = False
         self.conf_state = self.storage.initial_state().conf_state
         if not self.consensus_config.validators:
             self.consensus_config = config
@@ -993,9 +992,7 @@ class Service:
         self.bootstrapped_now = False
         self.metrics.peer_running.set(1)
         st = self.node.status()
-        self.metrics.term.set(st.term)
-        self.metrics.commit_index.set(st.commit)
-        self.metrics.last_index.set(st.last_index)
+        self.set_raft_gauges(st)
         self.metrics.applied_index.set(st.applied)
         self.metrics.block_height.set(self.block_height)
         self.peer_greenlet = gevent.spawn(self.peer_loop)
@@ -1210,19 +1207,19 @@ class Service:
         self.consensus_config = common_pb2.ConsensusConfiguration(
             height=self.block_height, block_interval=config.block_interval, validators=config.validators)
 
+    def set_raft_gauges(self, st) -> None:
+        self.metrics.term.set(st.term)
+        self.metrics.commit_index.set(st.commit)
+        self.metrics.last_index.set(st.last_index)
+
     def on_tick(self) -> None:
         # With block_interval 0 the next block's append follows the commit within
         # milliseconds and carries the new commit index: skip the extra round of
         # empty appends (and their responses) that would only announce it. Any other
         # interval announces it at once (a heartbeat is also a fallback).
-        skip = self.consensus_config.block_interval == 0
-        if skip != self.skip_bcast_commit:
-            self.skip_bcast_commit = skip
-            self.node.skip_bcast_commit(skip)
+        self.node.skip_bcast_commit(self.consensus_config.block_interval == 0)
         st = self.node.status()
-        self.metrics.term.set(st.term)
-        self.metrics.commit_index.set(st.commit)
-        self.metrics.last_index.set(st.last_index)
+        self.set_raft_gauges(st)
         if st.role == raft.StateRole.Leader:
             self.leader_duties(st)
 

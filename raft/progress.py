@@ -72,16 +72,9 @@ class Progress:
     )
 
     def __init__(self, next_idx: int, ins_size: int) -> None:
-        self.matched = 0
-        self.next_idx = next_idx
-        self.state = ProgressState.Probe
-        # In Probe: one append was sent and we wait for its answer (or a heartbeat response).
-        self.paused = False
-        self.pending_snapshot = 0
-        self.pending_request_snapshot = 0
-        self.recent_active = False
         self.ins = Inflights(ins_size)
         self.is_learner = False
+        self.reset(next_idx)
 
     def __repr__(self) -> str:
         return f"Progress(match={self.matched} next={self.next_idx} state={self.state.name} paused={self.paused})"
@@ -96,6 +89,7 @@ class Progress:
         self.matched = 0
         self.next_idx = next_idx
         self.state = ProgressState.Probe
+        # In Probe: one append was sent and we wait for its answer (or a heartbeat response).
         self.paused = False
         self.pending_snapshot = 0
         self.pending_request_snapshot = 0

@@ -156,8 +156,8 @@ def cluster_run(base: str, nodes: int, block_interval: int, window: float, ticks
         # the first election takes one to two election timeouts (20 s with the default ticks)
         wait_until(lambda: min(dn.heights()) >= 2, 60 + 3 * election_s + 3 * block_interval, "the first blocks")
         pids = [dn.consensus_pid(i) for i in range(nodes)]
-        sim_pids = [procs.read_pid(dn.spec.pid_file(f"controller{i}")) for i in range(nodes)]
-        sim_pids.append(procs.read_pid(dn.spec.pid_file("network")))
+        controller_pids = [procs.read_pid(dn.spec.pid_file(f"controller{i}")) for i in range(nodes)]
+        sim_pids = controller_pids + [procs.read_pid(dn.spec.pid_file("network"))]
         cpu0 = [procs.cpu_seconds(p) for p in pids]
         sim0 = [procs.cpu_seconds(p) for p in sim_pids if p]
         dn.hub({"op": "reset_stats"})
@@ -168,7 +168,7 @@ def cluster_run(base: str, nodes: int, block_interval: int, window: float, ticks
         sim1 = [procs.cpu_seconds(p) for p in sim_pids if p]
         rss = [procs.rss_mb(p) for p in pids]
         net = dn.hub({"op": "status"})
-        sim_rss = [procs.rss_mb(p) for p in sim_pids[:-1] if p]
+        sim_rss = [procs.rss_mb(p) for p in controller_pids if p]
         timings = [dn.timings(i, h0 + 1) for i in range(nodes)]
         blocks = {b.height: b for b in read_chain(dn.spec.chain_file(0)) if h0 < b.height <= h1}
         lat, lat_leader = [], []
