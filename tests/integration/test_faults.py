@@ -107,7 +107,7 @@ def test_restart_all_from_the_wal_after_sigterm_and_after_kill9(net3, w):
             if stop == net3.stop:
                 assert after[i][1] >= before[i][1], \
                     f"node{i} commit index went back {before[i][1]} -> {after[i][1]} after a graceful stop"
-        w.until(lambda: all(s[1] >= b[1] for s, b in zip(raft_state(net3), before, strict=True)),
+        w.until(lambda before=before: all(s[1] >= b[1] for s, b in zip(raft_state(net3), before, strict=True)),
                 "every node's commit index back to at least where it was")
         w.until(lambda top=top: min(net3.heights()) > top, f"blocks above {top} after {stop.__name__} of all nodes")
     w.converge()
