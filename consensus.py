@@ -489,6 +489,8 @@ class Metrics:
         self.proposals = c("consensus_raft_proposals", "block proposals by outcome", ["outcome"], registry=r)
         self.messages = c("consensus_raft_messages", "raft messages by direction and outcome",
                           ["direction", "outcome"], registry=r)
+        self.early_checks = c("consensus_raft_early_checks", "CheckProposal before the commit, by outcome",
+                              ["outcome"], registry=r)
         self.controller_errors = c("consensus_raft_controller_errors", "failed controller calls", ["method"],
                                    registry=r)
         self.fsync = prom.Histogram("consensus_raft_wal_fsync_ms", "WAL fsync latency in ms", registry=r,
@@ -709,6 +711,7 @@ class Service:
         self.bootstrapped_now = False         # this start made the bootstrap snapshot
         self.last_block_time = 0.0            # monotonic time the last block was applied (pacing)
         self.own_proposal = (0, b"", 0.0)     # (height, data, proposed at) of our latest proposal
+        self.prechecked = (0, b"")            # (height, data) the controller accepted before it committed
         self._validator_ids_cache = ((), frozenset())
         self.last_probe = 0.0
         self.grpc_server = None
@@ -1414,7 +1417,26 @@ class Service:
             self.send_raft(rd.persisted_messages)
         if rd.committed_entries:
             self.apply_queue.put(list(rd.committed_entries))
+        if rd.entries and self.role == raft.StateRole.Follower:
+            self.queue_early_check(rd.entries)
         node.advance(rd)
+
+    def queue_early_check(self, entries) -> None:
+        """Ask the applier to check a follower's newest proposal before it commits.
+
+        CheckProposal then runs while raft waits for the commit (one round trip,
+        or the next block at block_interval 0), not between the commit and
+        CommitBlock; the applier skips it at commit time if the same proposal
+        passed. Queued behind the committed entries, so it runs after the
+        controller has the parent block."""
+        for entry in reversed(entries):
+            if entry.entry_type == pb.EntryNormal and entry.data:
+                try:
+                    proposal = common_pb2.Proposal.FromString(entry.data)
+                except Exception:
+                    return   # the applier reports it when it commits
+                self.apply_queue.put(("check", proposal))
+                return
 
     def on_soft_state(self, ss) -> None:
         role_codes = {raft.StateRole.Follower: 0, raft.StateRole.Candidate: 1, raft.StateRole.Leader: 2,
@@ -1460,6 +1482,9 @@ class Service:
     def applier_loop(self) -> None:
         while True:
             batch = self.apply_queue.get()
+            if isinstance(batch, tuple) and batch[0] == "check":
+                self.early_check(batch[1])
+                continue
             if isinstance(batch, tuple) and batch[0] == "snapshot":
                 _, snap, config = batch
                 if config is not None:
@@ -1473,6 +1498,28 @@ class Service:
                 if self.stopping.is_set() and self.fatal:
                     return
                 self.apply_entry(entry)
+
+    def early_check(self, proposal) -> None:
+        """CheckProposal for the next height before it commits (see queue_early_check).
+        Only when the controller should have its parent (we applied height-1) and
+        nothing else waits: otherwise the commit-time check does it. A failure
+        here only means the commit-time check runs as usual."""
+        if proposal.height != self.block_height + 1 or not self.apply_queue.empty() or \
+                self.prechecked == (proposal.height, proposal.data):
+            return
+        try:
+            code = self.controller.check_proposal(proposal)
+        except RpcFailed as e:
+            self.log.debug("early CheckProposal height=%d failed: %s; checking when it commits", proposal.height, e)
+            self.metrics.early_checks.labels("failed").inc()
+            return
+        if code == SUCCESS:
+            self.prechecked = (proposal.height, proposal.data)
+            self.metrics.early_checks.labels("accepted").inc()
+        else:
+            self.log.debug("early CheckProposal height=%d returned %s; checking again when it commits",
+                           proposal.height, code_name(code))
+            self.metrics.early_checks.labels("rejected").inc()
 
     def apply_entry(self, entry) -> None:
         conf_state = None
@@ -1492,7 +1539,8 @@ class Service:
             if proposal is not None and proposal.height > self.block_height:
                 own_height, own_data, started = self.own_proposal
                 ours = own_height == proposal.height and own_data == proposal.data
-                self.commit_to_controller(proposal, check=not ours)
+                checked = self.prechecked == (proposal.height, proposal.data)
+                self.commit_to_controller(proposal, check=not (ours or checked))
                 self.block_height = max(self.block_height, proposal.height)
                 self.metrics.block_height.set(self.block_height)
                 self.last_block_time = time.monotonic()

@@ -483,3 +483,74 @@ def test_block_interval_above_0_announces_each_commit_at_once(cluster):
     full, empty = appends(raft_messages_from(net, leader))
     # one empty append per follower announces each commit
     assert empty >= full, (full, empty)
+
+
+def _commit_checks(node) -> dict[int, bool]:
+    """Record, per height this node commits, whether it called CheckProposal at commit time."""
+    svc, seen = node.service, {}
+    inner = svc.commit_to_controller
+
+    def record(proposal, check):
+        seen[proposal.height] = check
+        return inner(proposal, check)
+    svc.commit_to_controller = record
+    return seen
+
+
+@pytest.mark.parametrize("block_interval", [0, 1])
+def test_followers_check_the_next_proposal_before_it_commits(cluster, block_interval):
+    """A follower asks CheckProposal while raft is still committing the entry, so
+    at commit only CommitBlock is left; each height is still checked once."""
+    net, nodes = cluster(3, block_interval=block_interval)
+    wait_for(lambda: min(n.ctrl.height for n in nodes) >= 2, what="first blocks on all 3 nodes")
+    leader = next(n for n in nodes if n.service.node.status().role == raft.StateRole.Leader)
+    followers = [n for n in nodes if n is not leader]
+    seen = {id(n): _commit_checks(n) for n in followers}
+    start = leader.ctrl.height
+    target = start + (12 if block_interval == 0 else 3)
+    wait_for(lambda: min(n.ctrl.height for n in nodes) >= target, timeout=60, what=f"height {target} everywhere")
+    assert_same_chain(nodes)
+    for f in followers:
+        checks = seen[id(f)]
+        heights = [h for h in checks if h > start + 1]
+        assert heights, checks
+        early = [h for h in heights if not checks[h]]
+        assert len(early) * 2 >= len(heights), f"commit-time checks on a follower: {checks}"
+        for h in early:
+            assert f.ctrl.calls.count(("CheckProposal", h)) == 1, (h, f.ctrl.calls)
+        accepted = f.service.metrics.early_checks.labels("accepted")._value.get()
+        assert accepted >= len(early)
+
+
+def test_early_check_only_for_the_next_height_and_repeated_at_commit_if_it_failed(cluster):
+    """Driven directly on a service that is not started: the early check asks only
+    for height+1, keeps only a success, and the commit-time check runs otherwise."""
+    _, (node,) = cluster(1, start=False)
+    svc = consensus.Service(node.cfg)
+    ctrl = node.ctrl
+    ctrl.height, ctrl.committed = 4, {h: b"x" for h in range(1, 5)}
+    svc.block_height = 4
+    proposal = common_pb2.Proposal(height=5, data=ctrl.block_data(5))
+    checks = []
+    svc.commit_to_controller = lambda p, check: checks.append((p.height, check)) or True
+
+    def apply(p):
+        svc.apply_entry(eraftpb_pb2.Entry(index=10 + p.height, term=2, data=p.SerializeToString()))
+
+    svc.early_check(common_pb2.Proposal(height=6, data=ctrl.block_data(6)))   # not next: no call
+    assert ("CheckProposal", 6) not in ctrl.calls
+    ctrl.fail_codes["CheckProposal"] = [consensus.NONE_RAW_TX]
+    svc.early_check(proposal)                                                 # rejected: nothing kept
+    assert svc.prechecked == (0, b"")
+    svc.early_check(proposal)                                                 # accepted
+    assert svc.prechecked == (5, proposal.data)
+    svc.early_check(proposal)                                                 # already known: no call
+    assert ctrl.calls.count(("CheckProposal", 5)) == 2
+    apply(proposal)
+    other = common_pb2.Proposal(height=6, data=b"another leader's block 6")
+    apply(other)                                                              # not prechecked
+    assert checks == [(5, False), (6, True)]
+    m = svc.metrics.early_checks
+    assert (m.labels("accepted")._value.get(), m.labels("rejected")._value.get()) == (1, 1)
+    svc.controller.close()
+    svc.network.close()
