@@ -47,8 +47,10 @@ def pct(values: list[float], q: float) -> float | None:
     return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
 
 
-def grpc_round_trip(n: int) -> dict:
-    """Unary round trips of a trivial method, sync client and server in this process."""
+def grpc_round_trip(n: int, idle_n: int = 300, gap_s: float = 0.005) -> dict:
+    """Unary round trips of a trivial method, sync client and server in this process:
+    back to back, and one every gap_s (as a chain's RPCs arrive, between quiet spells:
+    gRPC's threads have gone to sleep and each call wakes several of them)."""
     handler = grpc.method_handlers_generic_handler("bench.Echo", {
         "Call": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req, request_deserializer=None,
                                                     response_serializer=None)})
@@ -68,9 +70,16 @@ def grpc_round_trip(n: int) -> dict:
                 call(b"x" * 64)
                 lat.append(time.perf_counter() - t)
             total = time.perf_counter() - t0
+            idle = []
+            for _ in range(idle_n):
+                time.sleep(gap_s)
+                t = time.perf_counter()
+                call(b"x" * 64)
+                idle.append(time.perf_counter() - t)
     finally:
         server.stop(0)
-    return {"calls": n, "per_s": n / total, "p50_ms": pct(lat, 50) * 1000, "p99_ms": pct(lat, 99) * 1000}
+    return {"calls": n, "per_s": n / total, "p50_ms": pct(lat, 50) * 1000, "p99_ms": pct(lat, 99) * 1000,
+            "idle_gap_ms": gap_s * 1000, "idle_p50_ms": pct(idle, 50) * 1000, "idle_p99_ms": pct(idle, 99) * 1000}
 
 
 def hub_round_trip(base: str, n: int) -> dict:
@@ -258,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out["grpc_round_trip"] = rt = grpc_round_trip(2000)
         print(f"bare gRPC unary round trip: p50 {rt['p50_ms']:.3f} ms, p99 {rt['p99_ms']:.3f} ms, "
-              f"{rt['per_s']:.0f} calls/s", flush=True)
+              f"{rt['per_s']:.0f} calls/s back to back; one call every {rt['idle_gap_ms']:.0f} ms: "
+              f"p50 {rt['idle_p50_ms']:.3f} ms, p99 {rt['idle_p99_ms']:.3f} ms", flush=True)
         out["hub_round_trip"] = hr = hub_round_trip(base, 1000)
         print(f"network hub alone, SendMsg -> handler: p50 {hr['p50_ms']:.3f} ms, p99 {hr['p99_ms']:.3f} ms",
               flush=True)
@@ -300,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{f['election_timeout_s']:.1f} s, block_interval {f['block_interval']}): "
                   f"kill -9 leader -> next block {fmt(f['rounds'], '.2f')} s "
                   f"(target <= {f['target_s']:.2f} s)")
-        print(f"bare gRPC round trip p50 {rt['p50_ms']:.3f} ms ({rt['per_s']:.0f}/s) on {os.cpu_count()} cores; "
+        print(f"bare gRPC round trip p50 {rt['p50_ms']:.3f} ms ({rt['per_s']:.0f}/s) on {os.cpu_count()} cores, "
+              f"{rt['idle_p50_ms']:.3f} ms after {rt['idle_gap_ms']:.0f} ms idle; "
               f"hub alone SendMsg->handler p50 {hr['p50_ms']:.3f} ms")
         print("p50/p99: proposal served -> CommitBlock done on all nodes; ldr p50: ... on the proposer's node; "
               "hub ms: p50 of the hub's ProcessNetworkMsg calls into consensus during the run; "
