@@ -791,7 +791,7 @@ class Service:
             self.put_command(("handoff", done))
             done.wait(grace)
         if self.grpc_server is not None:
-            self.grpc_server.stop(0.5)
+            self.grpc_server.stop(0.5).wait(2)   # in-flight calls end before storage closes
         self.stop_peer()
         for g in self.greenlets + list(self.senders.values()):
             g.kill(block=False)

@@ -55,7 +55,7 @@ class FakeController(controller_pb2_grpc.Consensus2ControllerServiceServicer):
 
     def stop(self):
         if self.server:
-            self.server.stop(0)
+            self.server.stop(0).wait(5)   # ended before the test (or the interpreter) goes on
 
     def _enter(self, method, context, height=0):
         import gevent
@@ -169,9 +169,9 @@ class FakeNetwork:
         self._serve(origin)
 
     def stop(self):
-        for node in self.nodes.values():
-            if node["server"]:
-                node["server"].stop(0)
+        ended = [node["server"].stop(0) for node in self.nodes.values() if node["server"]]
+        for e in ended:
+            e.wait(5)
 
     def deliver(self, sender: int, target: int, msg: network_pb2.NetworkMsg):
         import gevent
