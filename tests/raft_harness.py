@@ -17,6 +17,25 @@ from raft import Config, MemoryStorage, RawNode, StateRole
 from raft.errors import RaftError
 
 
+def msg(msg_type: int, frm: int, to: int, term: int, **kw) -> pb.Message:
+    """A raft message from `frm` (a Python keyword, so set after construction)."""
+    m = pb.Message(msg_type=msg_type, to=to, term=term, **kw)
+    setattr(m, "from", frm)
+    return m
+
+
+def bootstrapped_storage(voters: list[int], index: int = 5, term: int = 5) -> MemoryStorage:
+    """A MemoryStorage holding only a snapshot at (index, term) with these voters:
+    how consensus_raft bootstraps every node of a chain (index 5, term 5)."""
+    s = MemoryStorage()
+    snap = pb.Snapshot()
+    snap.metadata.index = index
+    snap.metadata.term = term
+    snap.metadata.conf_state.voters.extend(voters)
+    s.apply_snapshot(snap)
+    return s
+
+
 def conf_change(*changes: tuple[str, int], transition: int = pb.Auto) -> pb.ConfChangeV2:
     """conf_change(("add", 4), ("remove", 1), ("learner", 5))."""
     kinds = {"add": pb.AddNode, "remove": pb.RemoveNode, "learner": pb.AddLearnerNode}

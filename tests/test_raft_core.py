@@ -15,14 +15,7 @@ from raft import (
     StepLocalMsg,
     StepPeerNotFound,
 )
-from tests.raft_harness import Network
-
-
-def msg(t, frm, to, term, **kw):
-    m = pb.Message(msg_type=t, to=to, term=term, **kw)
-    setattr(m, "from", frm)
-    return m
-
+from tests.raft_harness import Network, bootstrapped_storage, msg
 
 # ---- config -------------------------------------------------------------------------
 
@@ -443,12 +436,7 @@ def test_bogus_append_response_beyond_last_index_is_ignored():
 
 
 def test_hard_state_commit_below_snapshot_is_tolerated():
-    s = MemoryStorage()
-    snap = pb.Snapshot()
-    snap.metadata.index = 5
-    snap.metadata.term = 5
-    snap.metadata.conf_state.voters.extend([1, 2, 3])
-    s.apply_snapshot(snap)
+    s = bootstrapped_storage([1, 2, 3])
     s.set_hardstate(pb.HardState(term=5, vote=0, commit=0))
     r = RawNode(Config(id=1), s, rng=random.Random(1))
     assert r.raft.log.committed == 5 and r.raft.term == 5
@@ -473,12 +461,7 @@ def test_learner_replicates_but_does_not_vote_or_count():
 
 
 def test_term_is_never_below_the_last_log_term_at_start():
-    s = MemoryStorage()
-    snap = pb.Snapshot()
-    snap.metadata.index = 5
-    snap.metadata.term = 5
-    snap.metadata.conf_state.voters.extend([1, 2, 3])
-    s.apply_snapshot(snap)
+    s = bootstrapped_storage([1, 2, 3])
     s.hard_state = pb.HardState()  # a store that forgot the term
     r = RawNode(Config(id=1), s, rng=random.Random(1))
     assert r.raft.term == 5

@@ -4,13 +4,7 @@ import random
 
 from cita_raft_pb import eraftpb_pb2 as pb
 from raft import Config, MemoryStorage, ProposalDropped, RawNode, StateRole
-from tests.raft_harness import Network
-
-
-def msg(t, frm, to, term, **kw):
-    m = pb.Message(msg_type=t, to=to, term=term, **kw)
-    setattr(m, "from", frm)
-    return m
+from tests.raft_harness import Network, bootstrapped_storage, msg
 
 
 def count(net, t, frm=None, to=None):
@@ -94,13 +88,7 @@ def test_bootstrap_from_snapshot_5_5_like_consensus_raft():
     voters = [11, 22, 33]
     net = Network([], seed=3)
     for nid in voters:
-        s = MemoryStorage()
-        snap = pb.Snapshot()
-        snap.metadata.index = 5
-        snap.metadata.term = 5
-        snap.metadata.conf_state.voters.extend(voters)
-        s.apply_snapshot(snap)
-        net.add_node(nid, storage=s)
+        net.add_node(nid, storage=bootstrapped_storage(voters))
     net.elect(11)
     assert net.term(11) == 6
     net.propose(11, b"block-1")

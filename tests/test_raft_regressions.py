@@ -5,22 +5,12 @@ from __future__ import annotations
 
 from cita_raft_pb import eraftpb_pb2 as pb
 from raft import Config, MemoryStorage, RawNode
+from tests.raft_harness import bootstrapped_storage, msg
 
 
 def _bootstrapped_follower(node_id: int, voters: list[int]) -> tuple[RawNode, MemoryStorage]:
-    st = MemoryStorage()
-    snap = pb.Snapshot()
-    snap.metadata.index = 5
-    snap.metadata.term = 5
-    snap.metadata.conf_state.voters.extend(voters)
-    st.apply_snapshot(snap)
+    st = bootstrapped_storage(voters)
     return RawNode(Config(id=node_id, applied=5), st), st
-
-
-def _msg(msg_type: int, frm: int, to: int, term: int, **kw) -> pb.Message:
-    m = pb.Message(msg_type=msg_type, to=to, term=term, **kw)
-    setattr(m, "from", frm)
-    return m
 
 
 def _persist(raw: RawNode, st: MemoryStorage) -> list[pb.Entry]:
@@ -45,7 +35,7 @@ def test_snapshot_does_not_switch_the_config_under_unapplied_conf_changes():
     cc = pb.ConfChangeV2(changes=[pb.ConfChangeSingle(change_type=pb.AddNode, node_id=4),
                                   pb.ConfChangeSingle(change_type=pb.RemoveNode, node_id=3)])
     entry = pb.Entry(entry_type=pb.EntryConfChangeV2, term=6, index=6, data=cc.SerializeToString())
-    raw.step(_msg(pb.MsgAppend, 1, 2, 6, index=5, log_term=5, commit=6, entries=[entry]))
+    raw.step(msg(pb.MsgAppend, 1, 2, 6, index=5, log_term=5, commit=6, entries=[entry]))
     handed = _persist(raw, st)
     if not handed:  # committed entries are handed out once persisted: the next Ready
         handed = _persist(raw, st)
@@ -56,7 +46,7 @@ def test_snapshot_does_not_switch_the_config_under_unapplied_conf_changes():
     snap.metadata.index = 8
     snap.metadata.term = 6
     snap.metadata.conf_state.voters.extend([1, 2, 4])
-    raw.step(_msg(pb.MsgSnapshot, 1, 2, 6, snapshot=snap))
+    raw.step(msg(pb.MsgSnapshot, 1, 2, 6, snapshot=snap))
 
     # The applier now applies entry 6: the result must be the joint config every node computes.
     cs = raw.apply_conf_change(cc)
@@ -72,13 +62,13 @@ def test_no_append_ack_for_an_entry_truncated_before_it_was_persisted():
     ended at 6: the term-7 leader could count an entry this node does not hold."""
     raw, st = _bootstrapped_follower(3, [1, 2, 3])
     e6, e7 = pb.Entry(term=6, index=6, data=b"a"), pb.Entry(term=6, index=7, data=b"b")
-    raw.step(_msg(pb.MsgAppend, 1, 3, 6, index=5, log_term=5, commit=5, entries=[e6, e7]))
+    raw.step(msg(pb.MsgAppend, 1, 3, 6, index=5, log_term=5, commit=5, entries=[e6, e7]))
     _persist(raw, st)
     # Term 7 leader 2 overwrites index 7; the ack waits for the next Ready (slow disk).
-    raw.step(_msg(pb.MsgAppend, 2, 3, 7, index=6, log_term=6, commit=5,
+    raw.step(msg(pb.MsgAppend, 2, 3, 7, index=6, log_term=6, commit=5,
                   entries=[pb.Entry(term=7, index=7, data=b"c")]))
     # Term 8 leader 1 overwrites from index 6 before that Ready is taken.
-    raw.step(_msg(pb.MsgAppend, 1, 3, 8, index=5, log_term=5, commit=5,
+    raw.step(msg(pb.MsgAppend, 1, 3, 8, index=5, log_term=5, commit=5,
                   entries=[pb.Entry(term=8, index=6, data=b"d")]))
     rd = raw.ready()
     last = rd.entries[-1].index if rd.entries else st.last_index()
