@@ -94,6 +94,11 @@ def cluster(tmp_path):
     net.stop()
 
 
+def leader_of(nodes):
+    """The started node that is raft leader now (StopIteration if none)."""
+    return next(n for n in nodes if n.service.node.status().role == raft.StateRole.Leader)
+
+
 def assert_same_chain(nodes):
     heights = [n.ctrl.height for n in nodes]
     top = min(heights)
@@ -264,7 +269,7 @@ def test_get_proposal_errors_do_not_stop_the_leader(cluster):
 def test_slow_controller_does_not_stop_heartbeats(cluster):
     net, nodes = cluster(3)
     wait_for(lambda: min(n.ctrl.height for n in nodes) >= 2, what="first blocks")
-    leader = next(n for n in nodes if n.service.node.status().role == raft.StateRole.Leader)
+    leader = leader_of(nodes)
     term = leader.service.node.status().term
     for n in nodes:
         n.ctrl.delay["CommitBlock"] = 1.0  # 2.5 x the longest election timeout (0.4 s)
@@ -464,7 +469,7 @@ def test_block_interval_0_announces_commits_with_the_next_block(cluster):
     net, nodes = cluster(3)
     wait_for(lambda: min(n.ctrl.height for n in nodes) >= 15, what="15 blocks on all 3 nodes")
     assert_same_chain(nodes)
-    leader = next(n for n in nodes if n.service.node.status().role == raft.StateRole.Leader)
+    leader = leader_of(nodes)
     assert leader.service.node.raft.skip_bcast_commit
     msgs = raft_messages_from(net, leader)
     full, empty = appends(msgs)
@@ -478,7 +483,7 @@ def test_block_interval_0_announces_commits_with_the_next_block(cluster):
 def test_block_interval_above_0_announces_each_commit_at_once(cluster):
     net, nodes = cluster(3, block_interval=1)
     wait_for(lambda: min(n.ctrl.height for n in nodes) >= 2, what="2 blocks on all 3 nodes")
-    leader = next(n for n in nodes if n.service.node.status().role == raft.StateRole.Leader)
+    leader = leader_of(nodes)
     assert not leader.service.node.raft.skip_bcast_commit
     full, empty = appends(raft_messages_from(net, leader))
     # one empty append per follower announces each commit
@@ -503,7 +508,7 @@ def test_followers_check_the_next_proposal_before_it_commits(cluster, block_inte
     at commit only CommitBlock is left; each height is still checked once."""
     net, nodes = cluster(3, block_interval=block_interval)
     wait_for(lambda: min(n.ctrl.height for n in nodes) >= 2, what="first blocks on all 3 nodes")
-    leader = next(n for n in nodes if n.service.node.status().role == raft.StateRole.Leader)
+    leader = leader_of(nodes)
     followers = [n for n in nodes if n is not leader]
     seen = {id(n): _commit_checks(n) for n in followers}
     start = leader.ctrl.height
