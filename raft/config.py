@@ -37,6 +37,11 @@ class Config:
     skip_bcast_commit: bool = False
     # Leader steps down once a config without it is applied (etcd's StepDownOnRemoval).
     step_down_on_removal: bool = True
+    # The node restarted after losing durable state (an empty store while the chain is
+    # past genesis, or a recovery that cut damaged synced WAL data): it may have voted in
+    # a term it no longer remembers, so it withholds votes until the rule in
+    # docs/internals.md ("Lost state") lets it vote again.
+    lost_state: bool = False
 
     def min_election(self) -> int:
         return self.min_election_tick or self.election_tick

@@ -52,3 +52,11 @@ class CorruptLog(StorageError):
 class DiskFailure(StorageError):
     """The disk refused a write or an fsync (ENOSPC, EIO, ...). The node must
     stop: the data may not be durable, so it must never act as if it were."""
+
+
+class RaftInvariantError(Exception):
+    """A state the Raft algorithm forbids was reached inside the core (two
+    leaders in one term, a commit index going back, a persisted entry
+    overwritten below the commit index, ...). Deliberately not a RaftError:
+    callers that catch RaftError as an expected answer must not swallow it.
+    The host must stop (fail-stop) instead of carrying on."""
