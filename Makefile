@@ -117,3 +117,10 @@ soak: setup
 soak-interop: setup
 	INTEROP_SOAK_SEEDS=$(or $(SEEDS),30) INTEROP_SOAK_STEPS=$(or $(STEPS),1500) \
 		$(PY) -m pytest -q tests/test_interop.py -k randomized
+
+# the whole `make test` RUNS times in a row (default 10) beside BURNERS CPU-bound
+# processes (default 2): proves the suite waits on conditions, not on speed.
+# Stops at the first failure; logs in tmp/test-loaded/
+.PHONY: test-loaded
+test-loaded: setup
+	$(PY) scripts/test_loaded.py --runs $(or $(RUNS),10) --burners $(or $(BURNERS),2)
