@@ -13,17 +13,22 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP) $(PB)/__init__.py
 
+# Says what it does: a first setup takes a while (pip prints its own progress).
 $(STAMP): requirements.txt
+	@echo "setup: creating the virtualenv $(VENV)/ with $$($(PYTHON) -V 2>&1)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	@echo "setup: installing $$(grep -c '^[A-Za-z]' requirements.txt) pinned packages from requirements.txt into $(VENV)/"
+	$(PY) -m pip install --progress-bar on --upgrade pip
+	$(PY) -m pip install --progress-bar on -r requirements.txt
 	touch $@
+	@echo "setup: $(VENV)/ ready"
 
 # Generated code is never committed: it is made from protos/ in every build
 # path (here, in the Nix build and in the Dockerfile), so it cannot go stale.
 proto: $(PB)/__init__.py
 
 $(PB)/__init__.py: $(PROTOS) scripts/genproto.py $(STAMP)
+	@echo "setup: generating the gRPC/protobuf modules of protos/ into $(PB)/"
 	$(PY) scripts/genproto.py protos $(PB)
 
 # Everything CI runs: unit tests (raft, storage, interop, devnet simulators,
@@ -38,6 +43,8 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 
+# One node from example/config.toml (its WAL and snapshots go to ./raft-data-dir/,
+# which .gitignore ignores); it expects a network and a controller on 50000/50004.
 run: setup
 	$(PY) consensus.py run -c example/config.toml --stdout
 

@@ -52,6 +52,7 @@ python3Packages.buildPythonApplication {
     protobuf
     docopt
     prometheus-client
+    grpcio-health-checking
   ];
 
   preBuild = ''

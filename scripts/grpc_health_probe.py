@@ -357,7 +357,12 @@ def probe(opts: Options) -> int:
     """Connect within connect_timeout, call Check within rpc_timeout, map the outcome to an exit code."""
     # grpc's C core would add its own log lines to the probe's stderr
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    import grpc  # deferred: argument errors and -version need no grpc import
+    try:
+        import grpc  # deferred: argument errors and -version need no grpc import
+    except ImportError:
+        _log("error: the Python package grpcio is missing: run `make setup` in the checkout "
+             "(or install the package consensus-raft, which provides this probe)")
+        return STATUS_INVALID_ARGUMENTS
 
     if opts.verbose:
         _log("parsed options:")
@@ -451,5 +456,19 @@ def main(argv: list[str] | None = None) -> int:
         return STATUS_RPC_FAILURE
 
 
+def _enter_checkout_venv() -> None:
+    """`scripts/grpc_health_probe.py ...` from a checkout under a python
+    without grpcio: run under the checkout's .venv (made by `make setup`)."""
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        venv = os.path.join(repo, ".venv")
+        venv_py = os.path.join(venv, "bin", "python")
+        if os.path.exists(venv_py) and os.path.realpath(sys.prefix) != os.path.realpath(venv):
+            os.execv(venv_py, [venv_py, os.path.abspath(__file__), *sys.argv[1:]])
+
+
 if __name__ == "__main__":
+    _enter_checkout_venv()
     sys.exit(main())
