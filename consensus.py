@@ -1847,9 +1847,9 @@ class Readiness:
     The limit is two election timeouts, at least three supervisor rounds
     (the controller's height is asked every SUPERVISE_SECONDS)."""
 
-    def __init__(self, service: Service):
+    def __init__(self, service: Service, now: float | None = None):
         self.s = service
-        self.reset(time.monotonic())
+        self.reset(time.monotonic() if now is None else now)
 
     def reset(self, now: float) -> None:
         self.commit = None
@@ -1861,9 +1861,10 @@ class Readiness:
     def limit(self) -> float:
         return max(2 * self.s.election_timeout(), 3 * SUPERVISE_SECONDS)
 
-    def check(self) -> tuple[bool, bool, str]:
+    def check(self, now: float | None = None) -> tuple[bool, bool, str]:
         """(ready, stuck, reason)."""
-        s, now = self.s, time.monotonic()
+        s = self.s
+        now = time.monotonic() if now is None else now
         if s.fatal:
             return False, False, f"fatal fault: {s.fatal}"
         if s.stopping.is_set():
@@ -1893,7 +1894,8 @@ class Readiness:
                                  f"the chain advanced from height {self.height_at_commit} to {chain} by "
                                  f"controller sync")
         if st.role == raft.StateRole.Leader:
-            self.leading_since = self.leading_since or now
+            if self.leading_since is None:
+                self.leading_since = now
             voters = set(st.conf_state.voters)
             heard = {p for p, t in s.metrics.last_contact.items() if p in voters and now - t <= limit}
             active = len(heard | ({st.id} & voters))
