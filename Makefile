@@ -65,7 +65,7 @@ integration: setup
 # a live 3-node devnet (real consensus.py); Ctrl-C or DURATION=<s> ends it
 .PHONY: demo
 demo: setup
-	$(PY) -m devnet demo --nodes 3 $(if $(DURATION),--duration $(DURATION))
+	$(PY) -m devnet demo --nodes 3 $(if $(DURATION),--duration $(DURATION)) $(if $(KEEP),--keep)
 
 # service benchmark on devnets: blocks/s, latency, failover, CPU/RSS, start-up;
 # prints a table, writes bench-results/bench_service.json
