@@ -199,7 +199,7 @@ def render(status: dict, rate: float | None = None, elapsed: float | None = None
         val = "y" if n["validator"] else ("n" if n["validator"] is False else "-")
         lines.append(f"{n['node']:>4} {role_text(n, leader):<12} {_v(n['term'] if n['in_raft'] else None, 5)} "
                      f"{_v(n['commit_index'] if n['in_raft'] else None, 7)} "
-                     f"{_v(n['applied_index'] if n['in_raft'] else None, 7)} {_v(n['lag'], 5)} "
+                     f"{_v(n['applied_index'] if n['in_raft'] else None, 7)} {_v(n['lag'] if n['in_raft'] else None, 5)} "
                      f"{flags_text(n):<16} {_v(n['height'], 7)} {n['tip'] or '-':<12} {val:>3} "
                      f"{n['consensus_pid'] or 'down':>13} {n['controller_pid'] or 'down':>14}")
     net = status.get("network")
