@@ -104,7 +104,7 @@ packaging: setup
 	$(PY) -m pytest -q tests/test_packaging.py
 
 # the Dockerfile's build steps run on this host under a temp root (no engine needed;
-# two venvs, about a minute, not in CI): checks consensus -V/git and both probe names
+# two venvs, not in CI): checks consensus -V/git and both probe names
 docker-replay: setup
 	$(PY) docker/replay_build.py $(if $(GIT_HASH),--git-hash $(GIT_HASH))
 
