@@ -589,10 +589,8 @@ class Metrics:
 
     def clear_raft(self) -> None:
         """Raft is not running here: no leader known, no peer progress."""
-        if self._leader_label is not None or self.is_leader._value.get():
-            self.set_leader(0, 0)
-        if self._peers:
-            self.set_progress(_NO_PROGRESS)
+        self.set_leader(0, 0)
+        self._drop_peers(set())
 
     def set_progress(self, st) -> None:
         """Per-peer replication progress from a leader's raft Status; a
@@ -611,12 +609,16 @@ class Metrics:
                 self.peer_state.labels(peer, name).set(1 if state == name else 0)
             last = self.last_contact.get(pid)
             self.peer_contact.labels(peer).set(now - last if last is not None else float("inf"))
-        for peer in self._peers - seen:
+        self._drop_peers(seen)
+
+    def _drop_peers(self, keep: set[str]) -> None:
+        """Remove the progress series of every peer not in `keep`."""
+        for peer in self._peers - keep:
             for gauge in (self.peer_match, self.peer_next, self.peer_lag, self.peer_contact):
                 gauge.remove(peer)
             for name in self.PEER_STATES:
                 self.peer_state.remove(peer, name)
-        self._peers = seen
+        self._peers = keep
 
     def observe_rpc(self, client_name: str, method: str, elapsed_ms: float) -> None:
         name = f"{client_name}_to_{method}"
@@ -647,8 +649,6 @@ class Metrics:
         return server
 
 
-_NO_PROGRESS = dataclasses.make_dataclass("NoProgress", [("id", int, 0), ("last_index", int, 0),
-                                                         ("progress", dict, dataclasses.field(default_factory=dict))])()
 _METRIC_NAME = __import__("re").compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
