@@ -64,6 +64,13 @@ def test_consensus_run_with_a_missing_config_is_one_line():
 
 
 @pytest.mark.skipif(not VENV.exists(), reason="needs the checkout's .venv (make setup)")
+def test_devnet_reexecs_into_the_venv(tmp_path):
+    proc = run_bare(ROOT / "devnet.py", "--dir", tmp_path / "none", "status")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("devnet status: no devnet in ") and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(not VENV.exists(), reason="needs the checkout's .venv (make setup)")
 def test_probe_reexecs_into_the_venv():
     # nothing listens on port 1: the probe itself ran (with grpc) and reports a connection failure
     proc = run_bare(ROOT / "scripts" / "grpc_health_probe.py", "-addr=127.0.0.1:1", "-connect-timeout=200ms")
@@ -82,6 +89,12 @@ def test_before_setup_one_line_says_make_setup(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "make setup" in lines[0], proc.stderr
     proc = run_bare(tmp_path / "scripts" / "grpc_health_probe.py", "-addr=127.0.0.1:1", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "make setup" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    # ./devnet.py, copied with its package
+    shutil.copy(ROOT / "devnet.py", tmp_path)
+    shutil.copytree(ROOT / "devnet", tmp_path / "devnet", ignore=shutil.ignore_patterns("__pycache__"))
+    proc = run_bare(tmp_path / "devnet.py", "status", cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "make setup" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     # what needs no grpc still works
