@@ -348,6 +348,12 @@ def decode_status(data: bytes) -> int:
 # --------------------------------------------------------------------------
 
 
+def go_code_name(python_name: str) -> str:
+    """grpc-go's name of a status code, as the Go probe prints it: NOT_FOUND -> NotFound."""
+    special = {"OK": "OK", "CANCELLED": "Canceled"}
+    return special.get(python_name) or "".join(w.capitalize() for w in python_name.split("_"))
+
+
 def _log(message: str) -> None:
     # Go's log package writes to stderr, one line per message
     print(message, file=sys.stderr, flush=True)
@@ -412,7 +418,7 @@ def probe(opts: Options) -> int:
             elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 _log(f"timeout: health rpc did not complete within {format_duration(opts.rpc_timeout)}")
             else:
-                name = code.name if code is not None else "Unknown"
+                name = go_code_name(code.name) if code is not None else "Unknown"
                 _log(f"error: health rpc failed: rpc error: code = {name} desc = {details}")
             return STATUS_RPC_FAILURE
     try:

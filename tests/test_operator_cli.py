@@ -116,3 +116,29 @@ def test_make_setup_says_what_it_does():
 def test_make_run_data_dir_is_ignored():
     proc = subprocess.run(["git", "check-ignore", "-q", "raft-data-dir/wal"], cwd=ROOT, timeout=30)
     assert proc.returncode == 0, "raft-data-dir/ (made by `make run`) must be ignored by git"
+
+
+def test_probe_reports_an_unknown_service_as_the_go_probe_does():
+    """The maintained health servicer answers NOT_FOUND for a name it does not
+    know; the probe exits 3 and prints grpc-go's code name, as the Go probe."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    servicer.set("consensus.Ready", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        def probe(*args):
+            return subprocess.run([sys.executable, str(ROOT / "scripts" / "grpc_health_probe.py"),
+                                   f"-addr=127.0.0.1:{port}", *args], capture_output=True, text=True, timeout=60)
+        assert probe("-service=consensus.Ready").returncode == 0
+        r = probe("-service=no.such.Service")
+        assert r.returncode == 3
+        assert r.stderr.startswith("error: health rpc failed: rpc error: code = NotFound desc ="), r.stderr
+    finally:
+        server.stop(0).wait(5)

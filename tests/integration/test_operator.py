@@ -128,4 +128,4 @@ def test_health_probe_liveness_readiness_and_unknown_service(dn, w):
     assert probe().returncode == 0
     w.until(lambda: probe("-service=consensus.Ready").returncode == 0, "the leader ready")
     r = probe("-service=no.such.Service")
-    assert r.returncode == 3 and "NOT_FOUND" in r.stderr, r.stderr
+    assert r.returncode == 3 and "code = NotFound" in r.stderr, r.stderr
