@@ -1930,7 +1930,11 @@ class HealthServicer(grpc_health_v1.HealthServicer):
 
     def refresh_loop(self) -> None:
         while not self.service.stopping.is_set():
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception as e:   # a fault in the check must not take consensus down: report not ready
+                self.service.once.fail("readiness", "readiness check failed: %r", e)
+                self.set(READY_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
             self.service.stopping.wait(HEALTH_REFRESH_SECONDS)
 
     def refresh(self) -> None:
