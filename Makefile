@@ -13,17 +13,22 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP) $(PB)/__init__.py
 
+# Says what it does: a first setup takes a while (pip prints its own progress).
 $(STAMP): requirements.txt
+	@echo "setup: creating the virtualenv $(VENV)/ with $$($(PYTHON) -V 2>&1)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	@echo "setup: installing $$(grep -c '^[A-Za-z]' requirements.txt) pinned packages from requirements.txt into $(VENV)/"
+	$(PY) -m pip install --progress-bar on --upgrade pip
+	$(PY) -m pip install --progress-bar on -r requirements.txt
 	touch $@
+	@echo "setup: $(VENV)/ ready"
 
 # Generated code is never committed: it is made from protos/ in every build
 # path (here, in the Nix build and in the Dockerfile), so it cannot go stale.
 proto: $(PB)/__init__.py
 
 $(PB)/__init__.py: $(PROTOS) scripts/genproto.py $(STAMP)
+	@echo "setup: generating the gRPC/protobuf modules of protos/ into $(PB)/"
 	$(PY) scripts/genproto.py protos $(PB)
 
 # Everything CI runs: unit tests (raft, storage, interop, devnet simulators,
@@ -38,6 +43,8 @@ test: setup
 lint: setup
 	$(PY) -m ruff check .
 
+# One node from example/config.toml (its WAL and snapshots go to ./raft-data-dir/,
+# which .gitignore ignores); it expects a network and a controller on 50000/50004.
 run: setup
 	$(PY) consensus.py run -c example/config.toml --stdout
 
@@ -58,7 +65,7 @@ integration: setup
 # a live 3-node devnet (real consensus.py); Ctrl-C or DURATION=<s> ends it
 .PHONY: demo
 demo: setup
-	$(PY) -m devnet demo --nodes 3 $(if $(DURATION),--duration $(DURATION))
+	$(PY) -m devnet demo --nodes 3 $(if $(DURATION),--duration $(DURATION)) $(if $(KEEP),--keep)
 
 # service benchmark on devnets: blocks/s, latency, failover, CPU/RSS, start-up;
 # prints a table, writes bench-results/bench_service.json
@@ -97,7 +104,7 @@ packaging: setup
 	$(PY) -m pytest -q tests/test_packaging.py
 
 # the Dockerfile's build steps run on this host under a temp root (no engine needed;
-# two venvs, about a minute, not in CI): checks consensus -V/git and both probe names
+# two venvs, not in CI): checks consensus -V/git and both probe names
 docker-replay: setup
 	$(PY) docker/replay_build.py $(if $(GIT_HASH),--git-hash $(GIT_HASH))
 

@@ -16,6 +16,35 @@ peer loop) owns the RawNode and everything else talks to it through a queue.
 See docs/internals.md and README.md.
 """
 
+
+def _enter_checkout_venv() -> None:
+    """`./consensus.py ...` from a checkout: run under the checkout's .venv
+    (made by `make setup`) as devnet.py does; without one, say in one line
+    what to do instead of an ImportError traceback. Only when run as a
+    script: an installed `consensus` (pip, Nix, image) has its packages."""
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    venv = os.path.join(here, ".venv")
+    venv_py = os.path.join(venv, "bin", "python")
+    if os.path.exists(venv_py) and os.path.realpath(sys.prefix) != os.path.realpath(venv):
+        os.execv(venv_py, [venv_py, os.path.abspath(__file__), *sys.argv[1:]])
+    try:
+        import docopt  # noqa: F401
+        import gevent  # noqa: F401
+        import grpc  # noqa: F401
+        import grpc_health  # noqa: F401
+        import prometheus_client  # noqa: F401
+    except ImportError as e:
+        print(f"consensus.py: the Python package {e.name!r} is missing: run `make setup` in {here} first",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    _enter_checkout_venv()
+
 # gevent must patch the standard library before anything else is imported,
 # and grpc's gevent integration must be initialised before any channel or
 # server exists: otherwise blocking gRPC calls would block the whole process.
@@ -464,13 +493,24 @@ def is_transient(code: int) -> bool:
 class Metrics:
     """The original's gRPC latency histograms (`<client-name>_to_<Method>`, ms)
     plus the raft and service figures it lacks. Each Service has its own
-    registry so that several can live in one test process."""
+    registry so that several can live in one test process.
+
+    Every value is one Prometheus can represent exactly: raft ids (64-bit) are
+    labels, never sample values. No `_created` series; the client library's
+    process/platform/gc collectors are included. deploy/ holds a Grafana
+    dashboard and alerting rules built on these names."""
+
+    PEER_STATES = ("Probe", "Replicate", "Snapshot")
 
     def __init__(self, buckets: list[float]):
         import prometheus_client as prom
 
+        prom.disable_created_metrics()
         self.prom = prom
         self.registry = prom.CollectorRegistry()
+        prom.ProcessCollector(registry=self.registry)
+        prom.PlatformCollector(registry=self.registry)
+        prom.GCCollector(registry=self.registry)
         self.buckets = buckets
         self._histograms: dict[str, object] = {}
         r = self.registry
@@ -478,7 +518,12 @@ class Metrics:
         self.role = g("consensus_raft_role", "raft role: 0 follower, 1 candidate, 2 leader, 3 pre-candidate",
                       registry=r)
         self.term = g("consensus_raft_term", "raft term", registry=r)
-        self.leader_id = g("consensus_raft_leader_id", "raft id of the known leader (0: none)", registry=r)
+        self.is_leader = g("consensus_raft_is_leader", "1 while this node is the raft leader", registry=r)
+        self.has_leader = g("consensus_raft_has_leader", "1 while this node knows a raft leader", registry=r)
+        self.leader = g("consensus_raft_leader", "1 for the raft id (label leader_id) of the known leader",
+                        ["leader_id"], registry=r)
+        self.node_info = g("consensus_raft_node_info", "always 1: this node's raft id and address as labels",
+                           ["raft_id", "address"], registry=r)
         self.commit_index = g("consensus_raft_commit_index", "raft commit index", registry=r)
         self.applied_index = g("consensus_raft_applied_index", "raft applied index", registry=r)
         self.last_index = g("consensus_raft_last_index", "index of the last entry in the raft log", registry=r)
@@ -498,6 +543,82 @@ class Metrics:
         self.commit_latency = prom.Histogram("consensus_raft_commit_latency_ms",
                                              "proposal to CommitBlock returned, in ms (leader)", registry=r,
                                              buckets=buckets)
+        # Replication progress of every peer, on the leader only (cleared elsewhere).
+        peer = ["peer"]
+        self.peer_match = g("consensus_raft_peer_match_index", "leader: highest log index known replicated on "
+                            "the peer", peer, registry=r)
+        self.peer_next = g("consensus_raft_peer_next_index", "leader: next log index to send to the peer",
+                           peer, registry=r)
+        self.peer_lag = g("consensus_raft_peer_lag_entries", "leader: entries the peer is behind the leader's log",
+                          peer, registry=r)
+        self.peer_state = g("consensus_raft_peer_state", "leader: 1 for the peer's replication state "
+                            "(Probe, Replicate, Snapshot)", ["peer", "state"], registry=r)
+        self.peer_contact = g("consensus_raft_peer_last_contact_seconds", "leader: seconds since a raft "
+                              "message from the peer arrived", peer, registry=r)
+        self.registered = g("consensus_raft_network_registered", "1 while registered with the network service",
+                            registry=r)
+        self.controller_reachable = g("consensus_raft_controller_reachable", "1 while the last call to the "
+                                      "controller got an answer", registry=r)
+        self.ready = g("consensus_raft_ready", "1 while the readiness health service (consensus.Ready) is "
+                       "SERVING", registry=r)
+        self.stuck = g("consensus_raft_stuck", "1 while this validator's raft makes no progress: no leader, or "
+                       "the chain advances by controller sync while the commit index does not", registry=r)
+        self.last_contact: dict[int, float] = {}   # raft peer id -> monotonic time of its last message
+        self._peers: set[str] = set()
+        self._leader_label: str | None = None
+
+    def contact(self, peer: int) -> None:
+        self.last_contact[peer] = time.monotonic()
+
+    def set_leader(self, leader_id: int, me: int) -> None:
+        """The known leader as a label (raft ids are 64-bit: a float sample would lose digits)."""
+        if self._leader_label is not None:
+            self.leader.remove(self._leader_label)
+            self._leader_label = None
+        if leader_id:
+            self._leader_label = str(leader_id)
+            self.leader.labels(self._leader_label).set(1)
+        self.has_leader.set(1 if leader_id else 0)
+        self.is_leader.set(1 if leader_id and leader_id == me else 0)
+
+    def bind(self, service) -> None:
+        """Gauges read from the service's state at each scrape."""
+        self.node_info.labels(str(service.id), "0x" + service.address.hex()).set(1)
+        self.registered.set_function(lambda: 1 if service.registered else 0)
+        self.controller_reachable.set_function(lambda: 1 if service.controller.reachable else 0)
+
+    def clear_raft(self) -> None:
+        """Raft is not running here: no leader known, no peer progress."""
+        self.set_leader(0, 0)
+        self._drop_peers(set())
+
+    def set_progress(self, st) -> None:
+        """Per-peer replication progress from a leader's raft Status; a
+        non-leader (empty progress) exports none."""
+        now = time.monotonic()
+        seen = set()
+        for pid, (match, next_idx, state) in st.progress.items():
+            if pid == st.id:
+                continue
+            peer = str(pid)
+            seen.add(peer)
+            self.peer_match.labels(peer).set(match)
+            self.peer_next.labels(peer).set(next_idx)
+            self.peer_lag.labels(peer).set(max(0, st.last_index - match))
+            for name in self.PEER_STATES:
+                self.peer_state.labels(peer, name).set(1 if state == name else 0)
+            last = self.last_contact.get(pid)
+            self.peer_contact.labels(peer).set(now - last if last is not None else float("inf"))
+        self._drop_peers(seen)
+
+    def _drop_peers(self, keep: set[str]) -> None:
+        """Remove the progress series of every peer not in `keep`."""
+        for peer in self._peers - keep:
+            for gauge in (self.peer_match, self.peer_next, self.peer_lag, self.peer_contact):
+                gauge.remove(peer)
+            for name in self.PEER_STATES:
+                self.peer_state.remove(peer, name)
+        self._peers = keep
 
     def observe_rpc(self, client_name: str, method: str, elapsed_ms: float) -> None:
         name = f"{client_name}_to_{method}"
@@ -567,12 +688,16 @@ class ControllerClient:
         self.addr = f"127.0.0.1:{port}"
         self.channel = grpc.insecure_channel(self.addr, options=_CHANNEL_OPTIONS)
         self.stub = controller_pb2_grpc.Consensus2ControllerServiceStub(self.channel)
+        self.reachable = False   # the last call got an answer (metric consensus_raft_controller_reachable)
 
     def _call(self, method: str, request, timeout: float):
         try:
-            return getattr(self.stub, method)(request, timeout=timeout, metadata=CLIENT_METADATA)
+            reply = getattr(self.stub, method)(request, timeout=timeout, metadata=CLIENT_METADATA)
         except grpc.RpcError as e:
+            self.reachable = False
             raise RpcFailed("controller", method, e) from None
+        self.reachable = True
+        return reply
 
     def get_proposal(self):
         """(status code, Proposal or None)."""
@@ -657,6 +782,8 @@ class OnceLogger:
 
 import gevent.event  # noqa: E402
 import gevent.queue  # noqa: E402
+from grpc_health.v1 import health as grpc_health_v1  # noqa: E402
+from grpc_health.v1 import health_pb2  # noqa: E402
 
 import raft  # noqa: E402
 from cita_raft_pb import common_pb2, network_pb2  # noqa: E402
@@ -764,7 +891,8 @@ class Service:
                              options=_CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)])
         consensus_pb2_grpc.add_ConsensusServiceServicer_to_server(ConsensusServicer(self), server)
         network_pb2_grpc.add_NetworkMsgHandlerServiceServicer_to_server(NetworkMsgHandler(self), server)
-        health_check_pb2_grpc.add_HealthServicer_to_server(HealthServicer(self), server)
+        self.health = HealthServicer(self)
+        health_check_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         port = self.cfg.grpc_listen_port
         bound = 0
         for host in ("[::]", "0.0.0.0"):
@@ -1076,6 +1204,7 @@ class Service:
             self.metrics.messages.labels("in", "dropped_overload").inc()
             return False
         self.metrics.messages.labels("in", "received").inc()
+        self.metrics.contact(getattr(msg, "from"))
         return True
 
     # ----- the peer loop: sole owner of the RawNode -----
@@ -1214,6 +1343,8 @@ class Service:
         self.metrics.term.set(st.term)
         self.metrics.commit_index.set(st.commit)
         self.metrics.last_index.set(st.last_index)
+        self.metrics.set_progress(st)
+        self.raft_status = st   # what the readiness check reads (HealthServicer)
 
     def on_tick(self) -> None:
         # With block_interval 0 the next block's append follows the commit within
@@ -1464,7 +1595,7 @@ class Service:
                 self.log.info("leader is %d term=%d", ss.leader_id, st.term)
             self.metrics.leader_changes.inc()
             self.leader = ss.leader_id
-            self.metrics.leader_id.set(ss.leader_id)
+            self.metrics.set_leader(ss.leader_id, self.id)
 
     def install_snapshot(self, snap) -> None:
         """A snapshot from the leader: the chain configuration at its index."""
@@ -1598,19 +1729,24 @@ class StartupError(Exception):
 # gRPC servicers
 # --------------------------------------------------------------------------
 
+DEFAULT_CLIENT_NAME = "unknown"
+
+
 class _MetricsInterceptor(grpc.ServerInterceptor):
     """Latency histograms per calling client, named `<client-name>_to_<Method>`
-    in ms, for requests that carry the `client-name` metadata (as the original's
-    middleware; health probes carry none and are not measured)."""
+    in ms, as the original's middleware. A call without `client-name` metadata
+    counts under DEFAULT_CLIENT_NAME (`unknown_to_CheckBlock`); health checks
+    (grpc.health.v1) are not measured."""
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        client = dict(handler_call_details.invocation_metadata or ()).get("client-name")
-        if handler is None or client is None or handler.unary_unary is None:
+        if handler is None or handler.unary_unary is None or \
+                handler_call_details.method.startswith("/grpc.health.v1."):
             return handler
+        client = dict(handler_call_details.invocation_metadata or ()).get("client-name") or DEFAULT_CLIENT_NAME
         method = handler_call_details.method.rsplit("/", 1)[-1]
         inner = handler.unary_unary
         metrics = self.metrics
@@ -1695,19 +1831,126 @@ class NetworkMsgHandler:
         return common_pb2.StatusCode(code=SUCCESS)
 
 
-class HealthServicer:
-    """grpc.health.v1.Health/Check: SERVING while the service runs."""
+READY_SERVICE = "consensus.Ready"   # the readiness health service name (probe -service=consensus.Ready)
+HEALTH_REFRESH_SECONDS = 1.0
+
+
+class Readiness:
+    """Whether this node does its job, for the readiness probe: registered
+    with the network and, for a validator, raft running and not stuck.
+
+    Stuck means one of: no raft leader known for longer than the limit; the
+    chain height (as the controller reports it) advanced by 2 or more while
+    the raft commit index stood still for longer than the limit (the node
+    follows the chain by controller sync, not by raft: a wiped or cut-off
+    follower); a leader that heard from no quorum of voters within the limit.
+    The limit is two election timeouts, at least three supervisor rounds
+    (the controller's height is asked every SUPERVISE_SECONDS)."""
+
+    def __init__(self, service: Service, now: float | None = None):
+        self.s = service
+        self.reset(time.monotonic() if now is None else now)
+
+    def reset(self, now: float) -> None:
+        self.commit = None
+        self.commit_at = now
+        self.height_at_commit = 0
+        self.leader_seen_at = now
+        self.leading_since = None
+
+    def limit(self) -> float:
+        return max(2 * self.s.election_timeout(), 3 * SUPERVISE_SECONDS)
+
+    def check(self, now: float | None = None) -> tuple[bool, bool, str]:
+        """(ready, stuck, reason)."""
+        s = self.s
+        now = time.monotonic() if now is None else now
+        if s.fatal:
+            return False, False, f"fatal fault: {s.fatal}"
+        if s.stopping.is_set():
+            return False, False, "stopping"
+        if not s.registered:
+            self.reset(now)
+            return False, False, "not registered with the network"
+        running = s.peer_running()
+        st = getattr(s, "raft_status", None)
+        if not running or st is None:
+            self.reset(now)
+            if s.address in s.consensus_config.validators:
+                return False, False, "a validator whose raft is not running"
+            if not s.controller.reachable:
+                return False, False, "the controller does not answer: validator set unknown"
+            return True, False, "not a validator (not in raft)"
+        chain = max(s.controller_height, s.block_height)
+        if st.commit != self.commit:
+            self.commit, self.commit_at, self.height_at_commit = st.commit, now, chain
+        if st.leader_id:
+            self.leader_seen_at = now
+        limit = self.limit()
+        if now - self.leader_seen_at > limit:
+            return False, True, f"no raft leader for {now - self.leader_seen_at:.0f} s"
+        if chain >= self.height_at_commit + 2 and now - self.commit_at > limit:
+            return False, True, (f"raft commit index stuck at {st.commit} for {now - self.commit_at:.0f} s while "
+                                 f"the chain advanced from height {self.height_at_commit} to {chain} by "
+                                 f"controller sync")
+        if st.role == raft.StateRole.Leader:
+            if self.leading_since is None:
+                self.leading_since = now
+            voters = set(st.conf_state.voters)
+            heard = {p for p, t in s.metrics.last_contact.items() if p in voters and now - t <= limit}
+            active = len(heard | ({st.id} & voters))
+            if voters and now - self.leading_since > limit and 2 * active <= len(voters):
+                return False, True, f"leader without a quorum: heard from {active} of {len(voters)} voters"
+        else:
+            self.leading_since = None
+        return True, False, "raft running"
+
+
+class HealthServicer(grpc_health_v1.HealthServicer):
+    """grpc.health.v1.Health (Check and Watch) by the maintained servicer of
+    grpcio-health-checking: a service name it does not know answers NOT_FOUND.
+
+    ""               liveness: SERVING while the process runs (as the
+                     original); NOT_SERVING after a fatal fault.
+    consensus.Ready  readiness: SERVING while Readiness.check() says so,
+                     refreshed every HEALTH_REFRESH_SECONDS; each change of
+                     state is logged with its reason.
+
+    It also binds the service's state gauges (Metrics.bind)."""
 
     def __init__(self, service: Service):
+        super().__init__()
         self.service = service
+        self.readiness = Readiness(service)
+        self.ready_reason = None
+        self.last_state = None
+        service.metrics.bind(service)
+        self.set(READY_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        service.greenlets.append(gevent.spawn(self.refresh_loop))
 
-    def Check(self, request, context):  # noqa: N802
-        from cita_raft_pb import health_check_pb2
+    def refresh_loop(self) -> None:
+        while not self.service.stopping.is_set():
+            try:
+                self.refresh()
+            except Exception as e:   # a fault in the check must not take consensus down: report not ready
+                self.service.once.fail("readiness", "readiness check failed: %r", e)
+                self.set(READY_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.service.stopping.wait(HEALTH_REFRESH_SECONDS)
 
-        status = health_check_pb2.HealthCheckResponse.SERVING
-        if self.service.fatal:
-            status = health_check_pb2.HealthCheckResponse.NOT_SERVING
-        return health_check_pb2.HealthCheckResponse(status=status)
+    def refresh(self) -> None:
+        s = self.service
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        self.set("", not_serving if s.fatal else serving)
+        ready, stuck, reason = self.readiness.check()
+        if not s.peer_running():
+            s.metrics.clear_raft()
+        s.metrics.ready.set(1 if ready else 0)
+        s.metrics.stuck.set(1 if stuck else 0)
+        self.set(READY_SERVICE, serving if ready else not_serving)
+        if (ready, stuck) != self.last_state:
+            log_fn = s.log.info if ready else s.log.warning
+            log_fn("readiness (%s): %s, %s", READY_SERVICE, "SERVING" if ready else "NOT_SERVING", reason)
+        self.ready_reason, self.last_state = reason, (ready, stuck)
 
 
 # --------------------------------------------------------------------------
@@ -1766,4 +2009,8 @@ def run_service(cfg: Config) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `./consensus.py -h | head -3`: the reader left, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -56,6 +56,7 @@
                   toml
                   docopt
                   prometheus-client
+                  grpcio-health-checking
                   grpcio-tools
                   pytest
                 ]

@@ -19,6 +19,7 @@ import urllib.request
 import grpc
 
 from cita_raft_pb import health_check_pb2, health_check_pb2_grpc
+from raft import peer_id as raft_peer_id
 
 from . import admin, procs
 from .chain import compare_chains, read_chain
@@ -79,20 +80,31 @@ log_level = "{spec.log_level}"
 
 def scrape_metrics(port: int, timeout: float = 0.5) -> dict[str, float]:
     """The consensus_raft_* gauges of a node's /metrics (empty if unreachable)."""
+    return scrape(port, timeout)[0]
+
+
+def scrape(port: int, timeout: float = 0.5) -> tuple[dict[str, float], int | None]:
+    """(the unlabelled consensus_raft_* samples, the raft id of the leader this
+    node knows or None) from a node's /metrics; ({}, None) if unreachable. The
+    leader's id is a label (`consensus_raft_leader{leader_id="..."} 1`): 64-bit
+    raft ids do not survive a float sample."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
             text = r.read().decode()
     except OSError:
-        return {}
+        return {}, None
     out: dict[str, float] = {}
+    leader = None
     for line in text.splitlines():
-        if line.startswith("consensus_raft_") and "{" not in line:
+        if line.startswith('consensus_raft_leader{leader_id="'):
+            leader = int(line.split('"')[1])
+        elif line.startswith("consensus_raft_") and "{" not in line:
             name, _, value = line.partition(" ")
             try:
                 out[name] = float(value)
             except ValueError:
                 pass
-    return out
+    return out, leader
 
 
 class Devnet:
@@ -310,16 +322,34 @@ class Devnet:
         return best[0] if best else None
 
     def status(self) -> dict:
+        """Per node: processes, raft (role, term, commit/applied index, lag behind
+        the leader, stuck flag, in raft or not) and chain (controller height, tip);
+        `leader` is the node index of the leader with the highest term, and a
+        node that says leader at a lower term, or whose own check says stuck,
+        is a leader without quorum (`stale_leader`)."""
         running = self.running()
         nodes = []
+        raft_ids = {raft_peer_id(bytes.fromhex(a)): i for i, a in enumerate(self.spec.addresses)}
         for i in range(self.spec.nodes):
             row = {"node": i, "address": self.spec.addresses[i], "consensus_pid": running[f"consensus{i}"],
                    "controller_pid": running[f"controller{i}"]}
-            m = self.metrics(i) if row["consensus_pid"] else {}
-            row.update(role=ROLES.get(int(m["consensus_raft_role"])) if "consensus_raft_role" in m else None,
-                       term=int(m.get("consensus_raft_term", 0)) if m else None,
-                       raft_height=int(m.get("consensus_raft_block_height", 0)) if m else None,
-                       commit_index=int(m.get("consensus_raft_commit_index", 0)) if m else None)
+            m, leader_id = scrape(self.spec.metrics_port(i)) if row["consensus_pid"] else ({}, None)
+            in_raft = bool(m.get("consensus_raft_peer_running", 0)) if m else None
+
+            def num(name, m=m):
+                return int(m[name]) if name in m else None
+            row.update(role=(ROLES.get(int(m["consensus_raft_role"])) if in_raft else "not in raft")
+                       if "consensus_raft_role" in m else None,
+                       in_raft=in_raft,
+                       term=num("consensus_raft_term"),
+                       raft_height=num("consensus_raft_block_height"),
+                       commit_index=num("consensus_raft_commit_index"),
+                       applied_index=num("consensus_raft_applied_index"),
+                       last_index=num("consensus_raft_last_index"),
+                       stuck=bool(m["consensus_raft_stuck"]) if "consensus_raft_stuck" in m else None,
+                       ready=bool(m["consensus_raft_ready"]) if "consensus_raft_ready" in m else None,
+                       knows_leader=raft_ids.get(leader_id) if leader_id is not None else None,
+                       lag=None, stale_leader=False)
             try:
                 c = self.controller(i, {"op": "status"}, 1.0) if row["controller_pid"] else {}
             except grpc.RpcError:
@@ -328,11 +358,20 @@ class Devnet:
                        validator=(self.spec.addresses[i] in c.get("validators", [])) if c else None,
                        syncing=c.get("syncing"), conflicts=c.get("conflicts"))
             nodes.append(row)
+        leaders = [n for n in nodes if n["role"] == "leader"]
+        top = max(leaders, key=lambda n: (not n["stuck"], n["term"] or 0), default=None)
+        for n in leaders:
+            n["stale_leader"] = n is not top or bool(n["stuck"])
+        if top is not None and top["stale_leader"]:
+            top = None
+        for n in nodes:
+            if top is not None and n["in_raft"] and n["commit_index"] is not None:
+                n["lag"] = max(0, top["commit_index"] - n["commit_index"])
         try:
             hub = self.hub({"op": "status"}) if running["network"] else None
         except grpc.RpcError:
             hub = None
-        return {"dir": self.spec.dir, "nodes": nodes, "network": hub}
+        return {"dir": self.spec.dir, "leader": top["node"] if top else None, "nodes": nodes, "network": hub}
 
     def chains(self) -> tuple[list[dict], list[str]]:
         """Per node (height, tip hash) from the chain files, and every disagreement found

@@ -108,8 +108,9 @@ class Stub(consensus_pb2_grpc.ConsensusServiceServicer, network_pb2_grpc.Network
 
     def metrics_text(self) -> str:
         role = 2 if self.is_leader() else 0
-        return (f"consensus_raft_role {role}\nconsensus_raft_term 1\nconsensus_raft_leader_id 0\n"
-                f"consensus_raft_block_height {self.height}\nconsensus_raft_commit_index {self.height}\n")
+        return (f"consensus_raft_role {role}\nconsensus_raft_term 1\nconsensus_raft_is_leader {role // 2}\n"
+                f"consensus_raft_block_height {self.height}\nconsensus_raft_commit_index {self.height}\n"
+                f"consensus_raft_applied_index {self.height}\nconsensus_raft_peer_running 1\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,13 @@ grpc_tools writes `import common_pb2` for `import "common.proto"`; this
 rewrites such lines to package-relative imports so that the generated code
 lives in one importable package (no sys.path tricks) and cannot collide with
 other packages' top-level `*_pb2` modules.
+
+health_check.proto declares the standard grpc.health.v1 messages, which the
+grpcio-health-checking package (the servicer consensus.py serves) registers in
+protobuf's descriptor pool already; a second copy of the same symbols would
+make importing both fail ("duplicate symbol"). So health_check_pb2 and its
+_grpc module are written as aliases of grpc_health.v1's modules: the same
+names (HealthCheckRequest, HealthStub, ...), one registration.
 """
 import pathlib
 import re
@@ -15,6 +22,18 @@ import sys
 import tempfile
 
 from grpc_tools import protoc
+
+HEALTH_PB2 = '''"""grpc.health.v1 messages: an alias of grpc_health.v1.health_pb2 (see scripts/genproto.py)."""
+from grpc_health.v1.health_pb2 import DESCRIPTOR, HealthCheckRequest, HealthCheckResponse  # noqa: F401
+'''
+HEALTH_PB2_GRPC = '''"""grpc.health.v1.Health: an alias of grpc_health.v1.health_pb2_grpc (see scripts/genproto.py)."""
+from grpc_health.v1.health_pb2_grpc import (  # noqa: F401
+    Health,
+    HealthServicer,
+    HealthStub,
+    add_HealthServicer_to_server,
+)
+'''
 
 
 def main(proto_dir: str, out_dir: str) -> int:
@@ -38,6 +57,9 @@ def main(proto_dir: str, out_dir: str) -> int:
         staged.mkdir()
         for f in pathlib.Path(tmp).glob("*.py"):
             (staged / f.name).write_text(pattern.sub(relative, f.read_text()))
+        if (staged / "health_check_pb2.py").exists():
+            (staged / "health_check_pb2.py").write_text(HEALTH_PB2)
+            (staged / "health_check_pb2_grpc.py").write_text(HEALTH_PB2_GRPC)
         (staged / "__init__.py").write_text(
             '"""Generated from protos/ by scripts/genproto.py; do not edit."""\n')
         if out.exists():

@@ -348,6 +348,12 @@ def decode_status(data: bytes) -> int:
 # --------------------------------------------------------------------------
 
 
+def go_code_name(python_name: str) -> str:
+    """grpc-go's name of a status code, as the Go probe prints it: NOT_FOUND -> NotFound."""
+    special = {"OK": "OK", "CANCELLED": "Canceled"}
+    return special.get(python_name) or "".join(w.capitalize() for w in python_name.split("_"))
+
+
 def _log(message: str) -> None:
     # Go's log package writes to stderr, one line per message
     print(message, file=sys.stderr, flush=True)
@@ -357,7 +363,12 @@ def probe(opts: Options) -> int:
     """Connect within connect_timeout, call Check within rpc_timeout, map the outcome to an exit code."""
     # grpc's C core would add its own log lines to the probe's stderr
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    import grpc  # deferred: argument errors and -version need no grpc import
+    try:
+        import grpc  # deferred: argument errors and -version need no grpc import
+    except ImportError:
+        _log("error: the Python package grpcio is missing: run `make setup` in the checkout "
+             "(or install the package consensus-raft, which provides this probe)")
+        return STATUS_INVALID_ARGUMENTS
 
     if opts.verbose:
         _log("parsed options:")
@@ -407,7 +418,7 @@ def probe(opts: Options) -> int:
             elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 _log(f"timeout: health rpc did not complete within {format_duration(opts.rpc_timeout)}")
             else:
-                name = code.name if code is not None else "Unknown"
+                name = go_code_name(code.name) if code is not None else "Unknown"
                 _log(f"error: health rpc failed: rpc error: code = {name} desc = {details}")
             return STATUS_RPC_FAILURE
     try:
@@ -451,5 +462,19 @@ def main(argv: list[str] | None = None) -> int:
         return STATUS_RPC_FAILURE
 
 
+def _enter_checkout_venv() -> None:
+    """`scripts/grpc_health_probe.py ...` from a checkout under a python
+    without grpcio: run under the checkout's .venv (made by `make setup`)."""
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        venv = os.path.join(repo, ".venv")
+        venv_py = os.path.join(venv, "bin", "python")
+        if os.path.exists(venv_py) and os.path.realpath(sys.prefix) != os.path.realpath(venv):
+            os.execv(venv_py, [venv_py, os.path.abspath(__file__), *sys.argv[1:]])
+
+
 if __name__ == "__main__":
+    _enter_checkout_venv()
     sys.exit(main())

@@ -6,6 +6,7 @@
   "docopt"
   "gevent"
   "grpcio"
+  "grpcio-health-checking"
   "grpcio-tools"
   "prometheus-client"
   "protobuf"
