@@ -152,8 +152,11 @@ def test_grpc_surface_answers(cluster):
         assert cons.Reconfigure(cfg, timeout=5).code == 0
         assert cons.CheckBlock(common_pb2.ProposalWithProof(proposal=common_pb2.Proposal(height=3)),
                                timeout=5).code == 0
-        assert health.Check(health_check_pb2.HealthCheckRequest(service="anything"), timeout=5).status == \
+        assert health.Check(health_check_pb2.HealthCheckRequest(service=""), timeout=5).status == \
             health_check_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as err:  # grpc-health-probe convention: unknown name
+            health.Check(health_check_pb2.HealthCheckRequest(service="anything"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         ch.close()
 
