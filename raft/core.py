@@ -114,6 +114,8 @@ class Raft:
         # Index of the latest conf change appended by this leader; no new one until it is applied.
         self.pending_conf_index = 0
         self.pending_request_snapshot = 0
+        # (term, leader) last told that our log lost acknowledged entries: warn once each.
+        self._lost_log_reported: tuple[int, int] | None = None
         self.promotable = False
         self.check_quorum = config.check_quorum
         self.pre_vote = config.pre_vote
@@ -845,6 +847,15 @@ class Raft:
             next_probe = m.reject_hint
             if m.log_term > 0:
                 next_probe, _ = self.log.find_conflict_by_term(m.reject_hint, m.log_term)
+            if m.index <= pr.matched and m.request_snapshot == 0 and pr.state != ProgressState.Snapshot:
+                # Below what it acknowledged in this term: the follower lost entries (a wiped
+                # data dir, a cut WAL tail) and would otherwise be ignored as stale forever
+                # (issue 13 #4). Probe from its hint; a stale duplicate costs one probe.
+                self._info("follower's log ends below its match, probing from its hint", **{"from": frm},
+                           index=m.index, reject_hint=m.reject_hint, matched=pr.matched)
+                pr.lost_log(min(m.index, next_probe + 1))
+                self.send_append(frm)
+                return
             if pr.maybe_decr_to(m.index, next_probe, m.request_snapshot):
                 self._debug(
                     "received append rejection",
@@ -1058,14 +1069,14 @@ class Raft:
         self.msgs.append(r)
 
     def handle_heartbeat(self, m: pb.Message) -> None:
-        if m.commit > self.log.committed:
-            if m.commit <= self.log.last_index():
-                self.log.commit_to(m.commit)
-            else:
-                self._warn("heartbeat commit beyond last index", commit=m.commit, last_index=self.log.last_index())
+        lost = m.commit > self.log.committed and m.commit > self.log.last_index()
+        if m.commit > self.log.committed and not lost:
+            self.log.commit_to(m.commit)
         if self.pending_request_snapshot != 0:
             self._send_request_snapshot()
             return
+        if lost:
+            self._report_lost_log(m)
         # raft-rs reports our commit index on the response.
         r = pb.Message()
         r.msg_type = MsgHeartbeatResponse
@@ -1075,6 +1086,31 @@ class Raft:
         r.commit = self.log.committed
         if m.context:
             r.context = m.context
+        self.msgs.append(r)
+
+    def _report_lost_log(self, m: pb.Message) -> None:
+        """A heartbeat commits min(match, commit) of the leader, so a commit beyond our last
+        index means we lost entries we acknowledged. raft-rs and etcd followers panic here;
+        we tell the leader where our log ends instead, as the rejection of an append at
+        that index (raft-rs field meanings: index rejected, reject_hint and log_term our
+        last entry), and it re-sends from there (or a snapshot)."""
+        last = self.log.last_index()
+        if self._lost_log_reported != (self.term, getattr(m, "from")):
+            self._lost_log_reported = (self.term, getattr(m, "from"))
+            self._warn("heartbeat commit beyond last index: this node lost log entries it had acknowledged, "
+                       "asking the leader to resend", commit=m.commit, last_index=last)
+        else:
+            self._debug("heartbeat commit beyond last index", commit=m.commit, last_index=last)
+        r = pb.Message()
+        r.msg_type = MsgAppendResponse
+        r.to = getattr(m, "from")
+        setattr(r, "from", self.id)
+        r.term = self.term
+        r.index = m.commit
+        r.reject = True
+        r.reject_hint = last
+        r.log_term = self.log.term(last)
+        r.commit = self.log.committed
         self.msgs.append(r)
 
     def handle_snapshot(self, m: pb.Message) -> None:

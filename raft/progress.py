@@ -153,6 +153,16 @@ class Progress:
         self.paused = False
         return True
 
+    def lost_log(self, next_idx: int) -> None:
+        """The follower rejected an append at or below `matched`: its log no longer holds
+        entries it acknowledged (a wiped or cut store; or the rejection is a stale
+        duplicate). Forget the match, which only an acknowledgement may establish again,
+        and probe from `next_idx`. Lowering `matched` is safe: the leader never lowers its
+        commit index, and an underestimate only delays counting this follower."""
+        self.matched = 0
+        self._reset_state(ProgressState.Probe)
+        self.next_idx = max(next_idx, 1)
+
     def is_paused(self) -> bool:
         s = self.state
         if s == ProgressState.Probe:
