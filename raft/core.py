@@ -74,8 +74,56 @@ class StateRole(IntEnum):
     PreCandidate = 3
 
 
+_KNOWN_TYPES = frozenset(MT.values())
+# Terms and indexes this close to u64 max leave no room to count up (a campaign adds 1 to
+# the term, appends add 1 to the index; protobuf refuses 2^64): a message carrying one is
+# dropped, never adopted (docs/internals.md, "Messages the core drops").
+VALUE_LIMIT = (1 << 64) - (1 << 32)
+_LIMITED_FIELDS = ("term", "index", "log_term", "commit", "commit_term", "reject_hint", "request_snapshot")
+
+
 def msg_name(t: int) -> str:
-    return MT.Name(t)
+    """The MessageType name, or the number for a value outside the enum (never raises)."""
+    return MT.Name(t) if t in _KNOWN_TYPES else f"MessageType({t})"
+
+
+def message_fault(m: pb.Message) -> str | None:
+    """Why the core must drop `m` unread, or None. Checked at the step boundary: an
+    unknown type, any term/index field within 2^32 of u64 max (in the message, its
+    entries or its snapshot), or entries that no leader sends (not contiguous after
+    `index`, or of terms outside [log_term, term] in order)."""
+    t = m.msg_type
+    if t not in _KNOWN_TYPES:
+        return f"unknown message type {t}"
+    lim = VALUE_LIMIT
+    if m.term >= lim or m.index >= lim or m.log_term >= lim or m.commit >= lim or m.commit_term >= lim \
+            or m.reject_hint >= lim or m.request_snapshot >= lim:
+        for f in _LIMITED_FIELDS:
+            if getattr(m, f) >= lim:
+                return f"{f} {getattr(m, f)} is within 2^32 of u64 max"
+    if t == MsgAppend:
+        prev_term = m.log_term
+        if prev_term > m.term:
+            return f"log_term {prev_term} above the message term {m.term}"
+        i = m.index
+        for e in m.entries:
+            i += 1
+            if e.index != i:
+                return f"entries not contiguous after index {m.index}: {e.index} where {i} was due"
+            if e.term < prev_term or e.term > m.term:
+                return f"entry {e.index} of term {e.term} out of order (previous {prev_term}, message term {m.term})"
+            prev_term = e.term
+        if i >= lim:
+            return f"entry index {i} is within 2^32 of u64 max"
+    elif t == MsgSnapshot and m.HasField("snapshot"):
+        meta = m.snapshot.metadata
+        if meta.index >= lim or meta.term >= lim:
+            return f"snapshot ({meta.index}, {meta.term}) is within 2^32 of u64 max"
+        if meta.term > m.term:
+            return f"snapshot term {meta.term} above the message term {m.term}"
+    elif (t == MsgRequestVote or t == MsgRequestPreVote) and m.log_term > m.term:
+        return f"log_term {m.log_term} above the campaign term {m.term}"
+    return None
 
 
 def _vote_resp_type(t: int) -> int:
@@ -116,6 +164,8 @@ class Raft:
         self.pending_request_snapshot = 0
         # (term, leader) last told that our log lost acknowledged entries: warn once each.
         self._lost_log_reported: tuple[int, int] | None = None
+        # Messages dropped by message_fault() (see step()).
+        self.dropped_messages = 0
         self.promotable = False
         self.check_quorum = config.check_quorum
         self.pre_vote = config.pre_vote
@@ -593,6 +643,10 @@ class Raft:
 
     def step(self, m: pb.Message) -> None:
         """Process one message (local or from a peer); raft-rs's Raft::step."""
+        fault = message_fault(m)
+        if fault is not None:
+            self._drop_message(m, fault)
+            return
         t = m.msg_type
         mt = m.term
         if mt == self.term or mt == 0:
@@ -653,6 +707,15 @@ class Raft:
             self.step_follower(m)
         else:
             self.step_candidate(m)
+
+    def _drop_message(self, m: pb.Message, why: str) -> None:
+        """Drop a message the core cannot take; warn on the 1st, 2nd, 4th, 8th... drop
+        (a count, since the core has no clock) so a flood cannot flood the log."""
+        self.dropped_messages += 1
+        n = self.dropped_messages
+        if n & (n - 1) == 0:
+            self._warn("dropped a malformed message", reason=why, msg=msg_name(m.msg_type),
+                       **{"from": getattr(m, "from")}, term=m.term, dropped_so_far=n)
 
     def _handle_vote_request(self, m: pb.Message) -> None:
         t = m.msg_type

@@ -19,6 +19,7 @@ from cita_raft_pb import eraftpb_pb2 as pb
 
 from .config import Config
 from .core import (
+    INVALID_ID,
     LOCAL_MSGS,
     RESPONSE_MSGS,
     MsgAppend,
@@ -33,6 +34,7 @@ from .core import (
     MsgUnreachable,
     Raft,
     StateRole,
+    msg_name,
 )
 from .errors import ProposalDropped, RaftError, StepLocalMsg, StepPeerNotFound
 from .storage import Storage
@@ -166,7 +168,13 @@ class RawNode:
         unknown peers raise StepPeerNotFound (raft-rs)."""
         t = msg.msg_type
         if t in LOCAL_MSGS:
-            raise StepLocalMsg(f"{pb.MessageType.Name(t)} is a local message")
+            raise StepLocalMsg(f"{msg_name(t)} is a local message")
+        frm = getattr(msg, "from")
+        if frm == INVALID_ID or frm == self.raft.id:
+            # Nobody (0 means "no vote" on the wire) or ourselves: a forged or looped message
+            # could vote twice or count our unpersisted entries; drop it.
+            self.raft._drop_message(msg, f"message from {'nobody' if frm == INVALID_ID else 'this node itself'}")
+            return
         if t in RESPONSE_MSGS and getattr(msg, "from") not in self.raft.prs.progress:
             raise StepPeerNotFound(f"no progress for peer {getattr(msg, 'from')}")
         if t == MsgPropose:
