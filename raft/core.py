@@ -27,6 +27,7 @@ from .errors import (
     ConfChangeError,
     ProposalDropped,
     RaftError,
+    RaftInvariantError,
     SnapshotTemporarilyUnavailable,
 )
 from .log import RaftLog
@@ -166,6 +167,8 @@ class Raft:
         self._lost_log_reported: tuple[int, int] | None = None
         # Messages dropped by message_fault() (see step()).
         self.dropped_messages = 0
+        # Leader messages of our term from a node that is not its leader (_conflicting_leader).
+        self.conflicting_leaders = 0
         self.promotable = False
         self.check_quorum = config.check_quorum
         self.pre_vote = config.pre_vote
@@ -250,6 +253,8 @@ class Raft:
         return self.election_elapsed >= self.randomized_election_timeout
 
     def _reset(self, term: int) -> None:
+        if term < self.term:
+            raise RaftInvariantError(f"term going back from {self.term} to {term}")
         if self.term != term:
             # Append acks of an older term still waiting for their Ready may vouch for
             # entries the new term's leader overwrites before they are persisted; they
@@ -281,7 +286,7 @@ class Raft:
 
     def become_candidate(self) -> None:
         if self.state == StateRole.Leader:
-            raise RaftError("invalid transition [leader -> candidate]")
+            raise RaftInvariantError("invalid transition [leader -> candidate]")
         self._reset(self.term + 1)
         self.vote = self.id
         self.state = StateRole.Candidate
@@ -289,7 +294,7 @@ class Raft:
 
     def become_pre_candidate(self) -> None:
         if self.state == StateRole.Leader:
-            raise RaftError("invalid transition [leader -> pre-candidate]")
+            raise RaftInvariantError("invalid transition [leader -> pre-candidate]")
         # Thesis §9.6: a pre-candidate changes neither its term nor its vote.
         self.state = StateRole.PreCandidate
         self.prs.reset_votes()
@@ -298,7 +303,7 @@ class Raft:
 
     def become_leader(self) -> None:
         if self.state == StateRole.Follower:
-            raise RaftError("invalid transition [follower -> leader]")
+            raise RaftInvariantError("invalid transition [follower -> leader]")
         self._reset(self.term)
         self.leader_id = self.id
         self.state = StateRole.Leader
@@ -717,6 +722,20 @@ class Raft:
             self._warn("dropped a malformed message", reason=why, msg=msg_name(m.msg_type),
                        **{"from": getattr(m, "from")}, term=m.term, dropped_so_far=n)
 
+    def _conflicting_leader(self, m: pb.Message, leader: int) -> None:
+        """A second node speaks as leader of our term (paper §5.2 allows one). Either
+        election safety broke (e.g. a node that lost its vote voted twice) or the message
+        is forged or corrupt: we cannot tell which from here, so we neither follow it nor
+        stop on one unauthenticated message (issue 13: no single message may take a node
+        out); we refuse it and log an error (1st, 2nd, 4th... time), counting it in
+        `conflicting_leaders` for the host and the simulations to check."""
+        self.conflicting_leaders += 1
+        n = self.conflicting_leaders
+        if n & (n - 1) == 0:
+            self.logger.error("two leaders in one term: %d speaks as leader of term %d, which %d leads; "
+                              "message refused id=%d msg=%s seen=%d", getattr(m, "from"), m.term, leader,
+                              self.id, msg_name(m.msg_type), n)
+
     def _handle_vote_request(self, m: pb.Message) -> None:
         t = m.msg_type
         frm = getattr(m, "from")
@@ -839,6 +858,8 @@ class Raft:
             self._debug("failed to send message, peer is unreachable", to=frm)
         elif t == MsgTransferLeader:
             self._handle_transfer_leader(m, pr)
+        elif t == MsgAppend or t == MsgHeartbeat or t == MsgSnapshot:
+            self._conflicting_leader(m, self.id)
 
     def propose_normal(self, data: bytes, context: bytes = b"") -> None:
         """The leader's own normal proposal: the hot path of RawNode.propose, same rules as MsgPropose."""
@@ -1036,18 +1057,18 @@ class Raft:
                 raise ProposalDropped("no leader")
             m.to = self.leader_id
             self.send(m)
-        elif t == MsgAppend:
+        elif t == MsgAppend or t == MsgHeartbeat or t == MsgSnapshot:
+            if self.leader_id != frm and self.leader_id != INVALID_ID:
+                self._conflicting_leader(m, self.leader_id)
+                return
             self.election_elapsed = 0
             self.leader_id = frm
-            self.handle_append_entries(m)
-        elif t == MsgHeartbeat:
-            self.election_elapsed = 0
-            self.leader_id = frm
-            self.handle_heartbeat(m)
-        elif t == MsgSnapshot:
-            self.election_elapsed = 0
-            self.leader_id = frm
-            self.handle_snapshot(m)
+            if t == MsgAppend:
+                self.handle_append_entries(m)
+            elif t == MsgHeartbeat:
+                self.handle_heartbeat(m)
+            else:
+                self.handle_snapshot(m)
         elif t == MsgTransferLeader:
             if self.leader_id == INVALID_ID:
                 self._info("no leader, dropping leader transfer", term=self.term)

@@ -15,6 +15,7 @@ from enum import IntEnum
 from cita_raft_pb import eraftpb_pb2 as pb
 
 from . import quorum
+from .errors import RaftInvariantError
 from .quorum import VoteResult
 
 
@@ -41,7 +42,7 @@ class Inflights:
 
     def add(self, last_index: int) -> None:
         if len(self._q) >= self.cap:
-            raise OverflowError("cannot add into a full inflights window")
+            raise RaftInvariantError("cannot add into a full inflights window")
         self._q.append(last_index)
 
     def free_to(self, index: int) -> None:
@@ -185,7 +186,7 @@ class Progress:
         elif self.state == ProgressState.Probe:
             self.pause()
         else:
-            raise AssertionError(f"sending append in unhandled state {self.state.name}")
+            raise RaftInvariantError(f"sending append in unhandled state {self.state.name}")
 
 
 @dataclass

@@ -36,7 +36,7 @@ from .core import (
     StateRole,
     msg_name,
 )
-from .errors import ProposalDropped, RaftError, StepLocalMsg, StepPeerNotFound
+from .errors import ProposalDropped, RaftError, RaftInvariantError, StepLocalMsg, StepPeerNotFound
 from .storage import Storage
 
 # Messages that promise nothing about this node's durable state, so they need not wait for fsync.
@@ -101,6 +101,18 @@ class Status:
     last_index: int
     persisted: int = 0
     lead_transferee: int = 0
+
+
+def _check_hard_state(prev: tuple[int, int, int], new: tuple[int, int, int]) -> None:
+    """Raft never moves the term or the commit index back, nor changes a vote within a
+    term (paper §5.1, §5.2, §5.4): a Ready that would persist such a hard state means the
+    core is broken, and the host must stop before writing it."""
+    if new[0] < prev[0]:
+        raise RaftInvariantError(f"term going back from {prev[0]} to {new[0]}")
+    if new[0] == prev[0] and prev[1] != 0 and new[1] != prev[1]:
+        raise RaftInvariantError(f"vote changing from {prev[1]} to {new[1]} within term {new[0]}")
+    if new[2] < prev[2]:
+        raise RaftInvariantError(f"commit index going back from {prev[2]} to {new[2]}")
 
 
 class RawNode:
@@ -236,6 +248,7 @@ class RawNode:
         hs_key = (r.term, r.vote, lg.committed)
         prev = self._prev_hs_key
         if hs_key != prev:
+            _check_hard_state(prev, hs_key)
             hs = rd.hard_state = pb.HardState()
             hs.term, hs.vote, hs.commit = hs_key
             if hs_key[0] != prev[0] or hs_key[1] != prev[1]:
