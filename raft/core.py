@@ -56,6 +56,7 @@ MsgSnapStatus = pb.MsgSnapStatus
 MsgCheckQuorum = pb.MsgCheckQuorum
 MsgTransferLeader = pb.MsgTransferLeader
 MsgTimeoutNow = pb.MsgTimeoutNow
+MsgReadIndex = pb.MsgReadIndex
 MsgRequestPreVote = pb.MsgRequestPreVote
 MsgRequestPreVoteResponse = pb.MsgRequestPreVoteResponse
 
@@ -111,7 +112,7 @@ def message_fault(m: pb.Message) -> str | None:
             i += 1
             if e.index != i:
                 return f"entries not contiguous after index {m.index}: {e.index} where {i} was due"
-            if e.term < prev_term or e.term > m.term:
+            if e.term < prev_term or e.term > m.term or e.term == 0:
                 return f"entry {e.index} of term {e.term} out of order (previous {prev_term}, message term {m.term})"
             prev_term = e.term
         if i >= lim:
@@ -122,6 +123,8 @@ def message_fault(m: pb.Message) -> str | None:
             return f"snapshot ({meta.index}, {meta.term}) is within 2^32 of u64 max"
         if meta.term > m.term:
             return f"snapshot term {meta.term} above the message term {m.term}"
+        if meta.index and not meta.term:
+            return f"snapshot at index {meta.index} without a term"
     elif (t == MsgRequestVote or t == MsgRequestPreVote) and m.log_term > m.term:
         return f"log_term {m.log_term} above the campaign term {m.term}"
     return None
@@ -129,6 +132,11 @@ def message_fault(m: pb.Message) -> str | None:
 
 def _vote_resp_type(t: int) -> int:
     return MsgRequestVoteResponse if t == MsgRequestVote else MsgRequestPreVoteResponse
+
+
+def _conf_key(cs: pb.ConfState) -> tuple:
+    return (sorted(cs.voters), sorted(cs.learners), sorted(cs.voters_outgoing), sorted(cs.learners_next),
+            bool(cs.auto_leave))
 
 
 def snapshot_is_empty(snap: pb.Snapshot | None) -> bool:
@@ -1232,6 +1240,21 @@ class Raft:
         cs = meta.conf_state
         if self.id not in cs.voters and self.id not in cs.learners and self.id not in cs.voters_outgoing:
             self._warn("attempted to restore snapshot but it is not in the ConfState", conf_state=list(cs.voters))
+            return False
+        try:
+            # A ConfState no configuration change can produce (no voters, a voter that is
+            # also a learner...) is refused before anything is installed: installed, it
+            # would be persisted and the node could never start from it again.
+            if not cs.voters:
+                raise ConfChangeError("no voters")
+            scratch = ProgressTracker(self.prs.max_inflight)
+            confchange.restore(scratch, meta.index, cs)
+            got = scratch.conf.to_conf_state()
+            if _conf_key(got) != _conf_key(cs):
+                # raft-rs: "invalid restore" (a node listed as voter and learner...)
+                raise ConfChangeError(f"it restores as {_conf_key(got)}")
+        except ConfChangeError as e:
+            self._warn("ignored snapshot with an impossible ConfState", reason=e, snapshot_index=meta.index)
             return False
         if self.pending_request_snapshot == 0 and self.log.match_term(meta.index, meta.term):
             # Our log already has the snapshot's last entry: just move commit (log matching).

@@ -134,6 +134,11 @@ class RaftLog:
         return self.term(self.last_index())
 
     def match_term(self, index: int, term: int) -> bool:
+        """Whether our entry at `index` has `term`; False where we do not know the term
+        (beyond the last index, or compacted below the snapshot), even for term 0: term()
+        answers 0 there, which must not let an append "match" a hole (raft-rs: an error)."""
+        if index > self.last_index() or index < self.first_index() - 1:
+            return False
         return self.term(index) == term
 
     def is_up_to_date(self, last_index: int, term: int) -> bool:
@@ -170,7 +175,7 @@ class RaftLog:
 
     def maybe_append(self, index: int, log_term: int, committed: int, ents: list[pb.Entry]) -> tuple[int, int] | None:
         """AppendEntries receiver rules 2-5 (paper Fig. 2): (conflict index, last new index) or None."""
-        if self.term(index) != log_term:
+        if not self.match_term(index, log_term):
             return None
         last_new = index + len(ents)
         conflict = 0

@@ -26,6 +26,7 @@ from .core import (
     MsgHeartbeat,
     MsgHup,
     MsgPropose,
+    MsgReadIndex,
     MsgRequestPreVote,
     MsgSnapshot,
     MsgSnapStatus,
@@ -186,6 +187,12 @@ class RawNode:
             # Nobody (0 means "no vote" on the wire) or ourselves: a forged or looped message
             # could vote twice or count our unpersisted entries; drop it.
             self.raft._drop_message(msg, f"message from {'nobody' if frm == INVALID_ID else 'this node itself'}")
+            return
+        if msg.term == 0 and t != MsgPropose and t != MsgReadIndex:
+            # Term 0 means "local" to the core (raft-rs too); from a peer it would pass the
+            # term checks and could move our term back to 0 (every peer message has a term,
+            # but forwarded proposals and read requests).
+            self.raft._drop_message(msg, "message without a term")
             return
         if t in RESPONSE_MSGS and getattr(msg, "from") not in self.raft.prs.progress:
             raise StepPeerNotFound(f"no progress for peer {getattr(msg, 'from')}")
