@@ -18,6 +18,8 @@ import logging
 import random
 from enum import IntEnum
 
+from google.protobuf.message import DecodeError
+
 from cita_raft_pb import eraftpb_pb2 as pb
 
 from . import confchange
@@ -132,6 +134,24 @@ def message_fault(m: pb.Message) -> str | None:
 
 def _vote_resp_type(t: int) -> int:
     return MsgRequestVoteResponse if t == MsgRequestVote else MsgRequestPreVoteResponse
+
+
+_CHANGE_TYPES = frozenset(pb.ConfChangeType.values())
+_TRANSITIONS = frozenset(pb.ConfChangeTransition.values())
+
+
+def _parse_conf_change(data: bytes) -> pb.ConfChangeV2:
+    """A proposed ConfChangeV2 (maybe forwarded by a peer); ProposalDropped if it does not
+    parse or names a change type or transition outside the enums: committed, it could
+    not be applied on any node."""
+    cc = pb.ConfChangeV2()
+    try:
+        cc.ParseFromString(data)
+    except DecodeError as e:
+        raise ProposalDropped(f"undecodable ConfChangeV2: {e}") from None
+    if cc.transition not in _TRANSITIONS or any(c.change_type not in _CHANGE_TYPES for c in cc.changes):
+        raise ProposalDropped(f"ConfChangeV2 with an unknown change type or transition: {cc}")
+    return cc
 
 
 def _conf_key(cs: pb.ConfState) -> tuple:
@@ -909,8 +929,7 @@ class Raft:
             if e.entry_type == pb.EntryConfChange:
                 raise ProposalDropped("ConfChange v1 is not supported, use ConfChangeV2")
             if e.entry_type == pb.EntryConfChangeV2:
-                cc = pb.ConfChangeV2()
-                cc.ParseFromString(e.data)
+                cc = _parse_conf_change(e.data)
                 already_pending = self.pending_conf_index > self.log.applied
                 already_joint = self.prs.conf.is_joint()
                 wants_leave = confchange.leave_joint(cc)

@@ -228,7 +228,8 @@ class Fuzzer:
                 if g != t:
                     self.fail(f"state machine safety: entry {i} committed with term {g} elsewhere, {t} on node {nid}")
         self.last_commit[nid] = lg.committed
-        self.stats.max_commit = max(self.stats.max_commit, lg.committed)
+        if not self.hostile:  # a forged snapshot may put a hostile node's log anywhere
+            self.stats.max_commit = max(self.stats.max_commit, lg.committed)
         # committed entries still in the log keep their term (sampled)
         if mine:
             for i in self.rng.sample(sorted(k for k in mine if k >= first) or [0], 1):
@@ -458,6 +459,9 @@ class Fuzzer:
                 self.handle_ready(target)
         elif x < 0.75:
             self.stats.generated += 1
+            lead = self.leader()
+            if lead is not None and r.random() < 0.3:
+                n = lead
             self.current = f"generating a message for {n.id}"
             if self.hostile and r.random() < 0.7:
                 m = self.generate(n)

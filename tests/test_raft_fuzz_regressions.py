@@ -83,3 +83,23 @@ def test_snapshot_with_an_impossible_conf_state_is_refused_before_it_is_installe
         persist(raw, st)
         assert raw.raft.log.last_index() == 0 and st.snapshot().metadata.index == 0
     RawNode(Config(id=2), st)  # and it still starts
+
+
+def test_forwarded_conf_change_that_cannot_be_applied_is_dropped():
+    """Hostile fuzzing with proposals aimed at the leader: a follower-forwarded MsgPropose
+    whose ConfChangeV2 does not parse raised DecodeError out of step() (not a RaftError:
+    the peer loop died); one with an unknown change type was appended, committed, and
+    then refused by apply_conf_change on every node."""
+    from tests.raft_harness import Network
+
+    net = Network(3)
+    net.elect(1)
+    raw = net.nodes[1].raw
+    last = raw.raft.log.last_index()
+    bad = [b"\xff\xff\xff",
+           pb.ConfChangeV2(changes=[pb.ConfChangeSingle(change_type=9, node_id=4)]).SerializeToString(),
+           pb.ConfChangeV2(transition=-1).SerializeToString()]
+    for data in bad:
+        raw.step(msg(pb.MsgPropose, 2, 1, 0, entries=[pb.Entry(entry_type=pb.EntryConfChangeV2, data=data)]))
+        net.settle()
+    assert raw.raft.log.last_index() == last
