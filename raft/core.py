@@ -1252,10 +1252,9 @@ class Raft:
                        applying=self.log.applying, applied=self.log.applied, snapshot_index=meta.index)
             return False
         if self.state != StateRole.Follower:
-            # Defence in depth: only a follower may install a snapshot.
-            self._warn("non-follower attempted to restore snapshot", state=self.state.name)
-            self.become_follower(self.term + 1, INVALID_ID)
-            return False
+            # Only a follower installs a snapshot: step() makes a candidate follow first and a
+            # leader never takes one of its own term (raft-rs warns and bumps its term here).
+            raise RaftInvariantError(f"a {self.state.name} attempted to restore a snapshot")
         cs = meta.conf_state
         if self.id not in cs.voters and self.id not in cs.learners and self.id not in cs.voters_outgoing:
             self._warn("attempted to restore snapshot but it is not in the ConfState", conf_state=list(cs.voters))

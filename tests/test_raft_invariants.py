@@ -152,3 +152,11 @@ def test_follower_without_a_known_leader_still_takes_the_first_one():
     raw.step(msg(pb.MsgHeartbeat, 1, 2, 2))
     raw.step(msg(pb.MsgHeartbeat, 1, 2, 2))
     assert raw.raft.leader_id == 1 and raw.raft.conflicting_leaders == 0
+
+
+def test_snapshot_restore_by_a_non_follower():
+    net = Network(3)
+    net.elect(1)
+    snap = net.compact(1)
+    with pytest.raises(RaftInvariantError, match="restore a snapshot"):
+        net.nodes[1].raft.restore(snap)
