@@ -18,6 +18,8 @@ import logging
 import random
 from enum import IntEnum
 
+from google.protobuf.message import DecodeError
+
 from cita_raft_pb import eraftpb_pb2 as pb
 
 from . import confchange
@@ -27,6 +29,7 @@ from .errors import (
     ConfChangeError,
     ProposalDropped,
     RaftError,
+    RaftInvariantError,
     SnapshotTemporarilyUnavailable,
 )
 from .log import RaftLog
@@ -55,6 +58,7 @@ MsgSnapStatus = pb.MsgSnapStatus
 MsgCheckQuorum = pb.MsgCheckQuorum
 MsgTransferLeader = pb.MsgTransferLeader
 MsgTimeoutNow = pb.MsgTimeoutNow
+MsgReadIndex = pb.MsgReadIndex
 MsgRequestPreVote = pb.MsgRequestPreVote
 MsgRequestPreVoteResponse = pb.MsgRequestPreVoteResponse
 
@@ -74,12 +78,85 @@ class StateRole(IntEnum):
     PreCandidate = 3
 
 
+_KNOWN_TYPES = frozenset(MT.values())
+# Terms and indexes this close to u64 max leave no room to count up (a campaign adds 1 to
+# the term, appends add 1 to the index; protobuf refuses 2^64): a message carrying one is
+# dropped, never adopted (docs/internals.md, "Messages the core drops").
+VALUE_LIMIT = (1 << 64) - (1 << 32)
+_LIMITED_FIELDS = ("term", "index", "log_term", "commit", "commit_term", "reject_hint", "request_snapshot")
+
+
 def msg_name(t: int) -> str:
-    return MT.Name(t)
+    """The MessageType name, or the number for a value outside the enum (never raises)."""
+    return MT.Name(t) if t in _KNOWN_TYPES else f"MessageType({t})"
+
+
+def message_fault(m: pb.Message) -> str | None:
+    """Why the core must drop `m` unread, or None. Checked at the step boundary: an
+    unknown type, any term/index field within 2^32 of u64 max (in the message, its
+    entries or its snapshot), or entries that no leader sends (not contiguous after
+    `index`, or of terms outside [log_term, term] in order)."""
+    t = m.msg_type
+    if t not in _KNOWN_TYPES:
+        return f"unknown message type {t}"
+    lim = VALUE_LIMIT
+    if m.term >= lim or m.index >= lim or m.log_term >= lim or m.commit >= lim or m.commit_term >= lim \
+            or m.reject_hint >= lim or m.request_snapshot >= lim:
+        for f in _LIMITED_FIELDS:
+            if getattr(m, f) >= lim:
+                return f"{f} {getattr(m, f)} is within 2^32 of u64 max"
+    if t == MsgAppend:
+        prev_term = m.log_term
+        if prev_term > m.term:
+            return f"log_term {prev_term} above the message term {m.term}"
+        i = m.index
+        for e in m.entries:
+            i += 1
+            if e.index != i:
+                return f"entries not contiguous after index {m.index}: {e.index} where {i} was due"
+            if e.term < prev_term or e.term > m.term or e.term == 0:
+                return f"entry {e.index} of term {e.term} out of order (previous {prev_term}, message term {m.term})"
+            prev_term = e.term
+        if i >= lim:
+            return f"entry index {i} is within 2^32 of u64 max"
+    elif t == MsgSnapshot and m.HasField("snapshot"):
+        meta = m.snapshot.metadata
+        if meta.index >= lim or meta.term >= lim:
+            return f"snapshot ({meta.index}, {meta.term}) is within 2^32 of u64 max"
+        if meta.term > m.term:
+            return f"snapshot term {meta.term} above the message term {m.term}"
+        if meta.index and not meta.term:
+            return f"snapshot at index {meta.index} without a term"
+    elif (t == MsgRequestVote or t == MsgRequestPreVote) and m.log_term > m.term:
+        return f"log_term {m.log_term} above the campaign term {m.term}"
+    return None
 
 
 def _vote_resp_type(t: int) -> int:
     return MsgRequestVoteResponse if t == MsgRequestVote else MsgRequestPreVoteResponse
+
+
+_CHANGE_TYPES = frozenset(pb.ConfChangeType.values())
+_TRANSITIONS = frozenset(pb.ConfChangeTransition.values())
+
+
+def _parse_conf_change(data: bytes) -> pb.ConfChangeV2:
+    """A proposed ConfChangeV2 (maybe forwarded by a peer); ProposalDropped if it does not
+    parse or names a change type or transition outside the enums: committed, it could
+    not be applied on any node."""
+    cc = pb.ConfChangeV2()
+    try:
+        cc.ParseFromString(data)
+    except DecodeError as e:
+        raise ProposalDropped(f"undecodable ConfChangeV2: {e}") from None
+    if cc.transition not in _TRANSITIONS or any(c.change_type not in _CHANGE_TYPES for c in cc.changes):
+        raise ProposalDropped(f"ConfChangeV2 with an unknown change type or transition: {cc}")
+    return cc
+
+
+def _conf_key(cs: pb.ConfState) -> tuple:
+    return (sorted(cs.voters), sorted(cs.learners), sorted(cs.voters_outgoing), sorted(cs.learners_next),
+            bool(cs.auto_leave))
 
 
 def snapshot_is_empty(snap: pb.Snapshot | None) -> bool:
@@ -114,6 +191,12 @@ class Raft:
         # Index of the latest conf change appended by this leader; no new one until it is applied.
         self.pending_conf_index = 0
         self.pending_request_snapshot = 0
+        # (term, leader) last told that our log lost acknowledged entries: warn once each.
+        self._lost_log_reported: tuple[int, int] | None = None
+        # Messages dropped by message_fault() (see step()).
+        self.dropped_messages = 0
+        # Leader messages of our term from a node that is not its leader (_conflicting_leader).
+        self.conflicting_leaders = 0
         self.promotable = False
         self.check_quorum = config.check_quorum
         self.pre_vote = config.pre_vote
@@ -198,6 +281,8 @@ class Raft:
         return self.election_elapsed >= self.randomized_election_timeout
 
     def _reset(self, term: int) -> None:
+        if term < self.term:
+            raise RaftInvariantError(f"term going back from {self.term} to {term}")
         if self.term != term:
             # Append acks of an older term still waiting for their Ready may vouch for
             # entries the new term's leader overwrites before they are persisted; they
@@ -229,7 +314,7 @@ class Raft:
 
     def become_candidate(self) -> None:
         if self.state == StateRole.Leader:
-            raise RaftError("invalid transition [leader -> candidate]")
+            raise RaftInvariantError("invalid transition [leader -> candidate]")
         self._reset(self.term + 1)
         self.vote = self.id
         self.state = StateRole.Candidate
@@ -237,7 +322,7 @@ class Raft:
 
     def become_pre_candidate(self) -> None:
         if self.state == StateRole.Leader:
-            raise RaftError("invalid transition [leader -> pre-candidate]")
+            raise RaftInvariantError("invalid transition [leader -> pre-candidate]")
         # Thesis §9.6: a pre-candidate changes neither its term nor its vote.
         self.state = StateRole.PreCandidate
         self.prs.reset_votes()
@@ -246,7 +331,7 @@ class Raft:
 
     def become_leader(self) -> None:
         if self.state == StateRole.Follower:
-            raise RaftError("invalid transition [follower -> leader]")
+            raise RaftInvariantError("invalid transition [follower -> leader]")
         self._reset(self.term)
         self.leader_id = self.id
         self.state = StateRole.Leader
@@ -591,6 +676,10 @@ class Raft:
 
     def step(self, m: pb.Message) -> None:
         """Process one message (local or from a peer); raft-rs's Raft::step."""
+        fault = message_fault(m)
+        if fault is not None:
+            self._drop_message(m, fault)
+            return
         t = m.msg_type
         mt = m.term
         if mt == self.term or mt == 0:
@@ -651,6 +740,29 @@ class Raft:
             self.step_follower(m)
         else:
             self.step_candidate(m)
+
+    def _drop_message(self, m: pb.Message, why: str) -> None:
+        """Drop a message the core cannot take; warn on the 1st, 2nd, 4th, 8th... drop
+        (a count, since the core has no clock) so a flood cannot flood the log."""
+        self.dropped_messages += 1
+        n = self.dropped_messages
+        if n & (n - 1) == 0:
+            self._warn("dropped a malformed message", reason=why, msg=msg_name(m.msg_type),
+                       **{"from": getattr(m, "from")}, term=m.term, dropped_so_far=n)
+
+    def _conflicting_leader(self, m: pb.Message, leader: int) -> None:
+        """A second node speaks as leader of our term (paper §5.2 allows one). Either
+        election safety broke (e.g. a node that lost its vote voted twice) or the message
+        is forged or corrupt: we cannot tell which from here, so we neither follow it nor
+        stop on one unauthenticated message (issue 13: no single message may take a node
+        out); we refuse it and log an error (1st, 2nd, 4th... time), counting it in
+        `conflicting_leaders` for the host and the simulations to check."""
+        self.conflicting_leaders += 1
+        n = self.conflicting_leaders
+        if n & (n - 1) == 0:
+            self.logger.error("two leaders in one term: %d speaks as leader of term %d, which %d leads; "
+                              "message refused id=%d msg=%s seen=%d", getattr(m, "from"), m.term, leader,
+                              self.id, msg_name(m.msg_type), n)
 
     def _handle_vote_request(self, m: pb.Message) -> None:
         t = m.msg_type
@@ -774,6 +886,8 @@ class Raft:
             self._debug("failed to send message, peer is unreachable", to=frm)
         elif t == MsgTransferLeader:
             self._handle_transfer_leader(m, pr)
+        elif t == MsgAppend or t == MsgHeartbeat or t == MsgSnapshot:
+            self._conflicting_leader(m, self.id)
 
     def propose_normal(self, data: bytes, context: bytes = b"") -> None:
         """The leader's own normal proposal: the hot path of RawNode.propose, same rules as MsgPropose."""
@@ -815,8 +929,7 @@ class Raft:
             if e.entry_type == pb.EntryConfChange:
                 raise ProposalDropped("ConfChange v1 is not supported, use ConfChangeV2")
             if e.entry_type == pb.EntryConfChangeV2:
-                cc = pb.ConfChangeV2()
-                cc.ParseFromString(e.data)
+                cc = _parse_conf_change(e.data)
                 already_pending = self.pending_conf_index > self.log.applied
                 already_joint = self.prs.conf.is_joint()
                 wants_leave = confchange.leave_joint(cc)
@@ -845,6 +958,15 @@ class Raft:
             next_probe = m.reject_hint
             if m.log_term > 0:
                 next_probe, _ = self.log.find_conflict_by_term(m.reject_hint, m.log_term)
+            if m.index <= pr.matched and m.request_snapshot == 0 and pr.state != ProgressState.Snapshot:
+                # Below what it acknowledged in this term: the follower lost entries (a wiped
+                # data dir, a cut WAL tail) and would otherwise be ignored as stale forever
+                # (issue 13 #4). Probe from its hint; a stale duplicate costs one probe.
+                self._info("follower's log ends below its match, probing from its hint", **{"from": frm},
+                           index=m.index, reject_hint=m.reject_hint, matched=pr.matched)
+                pr.lost_log(min(m.index, next_probe + 1))
+                self.send_append(frm)
+                return
             if pr.maybe_decr_to(m.index, next_probe, m.request_snapshot):
                 self._debug(
                     "received append rejection",
@@ -962,18 +1084,18 @@ class Raft:
                 raise ProposalDropped("no leader")
             m.to = self.leader_id
             self.send(m)
-        elif t == MsgAppend:
+        elif t == MsgAppend or t == MsgHeartbeat or t == MsgSnapshot:
+            if self.leader_id != frm and self.leader_id != INVALID_ID:
+                self._conflicting_leader(m, self.leader_id)
+                return
             self.election_elapsed = 0
             self.leader_id = frm
-            self.handle_append_entries(m)
-        elif t == MsgHeartbeat:
-            self.election_elapsed = 0
-            self.leader_id = frm
-            self.handle_heartbeat(m)
-        elif t == MsgSnapshot:
-            self.election_elapsed = 0
-            self.leader_id = frm
-            self.handle_snapshot(m)
+            if t == MsgAppend:
+                self.handle_append_entries(m)
+            elif t == MsgHeartbeat:
+                self.handle_heartbeat(m)
+            else:
+                self.handle_snapshot(m)
         elif t == MsgTransferLeader:
             if self.leader_id == INVALID_ID:
                 self._info("no leader, dropping leader transfer", term=self.term)
@@ -1058,14 +1180,14 @@ class Raft:
         self.msgs.append(r)
 
     def handle_heartbeat(self, m: pb.Message) -> None:
-        if m.commit > self.log.committed:
-            if m.commit <= self.log.last_index():
-                self.log.commit_to(m.commit)
-            else:
-                self._warn("heartbeat commit beyond last index", commit=m.commit, last_index=self.log.last_index())
+        lost = m.commit > self.log.committed and m.commit > self.log.last_index()
+        if m.commit > self.log.committed and not lost:
+            self.log.commit_to(m.commit)
         if self.pending_request_snapshot != 0:
             self._send_request_snapshot()
             return
+        if lost:
+            self._report_lost_log(m)
         # raft-rs reports our commit index on the response.
         r = pb.Message()
         r.msg_type = MsgHeartbeatResponse
@@ -1075,6 +1197,31 @@ class Raft:
         r.commit = self.log.committed
         if m.context:
             r.context = m.context
+        self.msgs.append(r)
+
+    def _report_lost_log(self, m: pb.Message) -> None:
+        """A heartbeat commits min(match, commit) of the leader, so a commit beyond our last
+        index means we lost entries we acknowledged. raft-rs and etcd followers panic here;
+        we tell the leader where our log ends instead, as the rejection of an append at
+        that index (raft-rs field meanings: index rejected, reject_hint and log_term our
+        last entry), and it re-sends from there (or a snapshot)."""
+        last = self.log.last_index()
+        if self._lost_log_reported != (self.term, getattr(m, "from")):
+            self._lost_log_reported = (self.term, getattr(m, "from"))
+            self._warn("heartbeat commit beyond last index: this node lost log entries it had acknowledged, "
+                       "asking the leader to resend", commit=m.commit, last_index=last)
+        else:
+            self._debug("heartbeat commit beyond last index", commit=m.commit, last_index=last)
+        r = pb.Message()
+        r.msg_type = MsgAppendResponse
+        r.to = getattr(m, "from")
+        setattr(r, "from", self.id)
+        r.term = self.term
+        r.index = m.commit
+        r.reject = True
+        r.reject_hint = last
+        r.log_term = self.log.term(last)
+        r.commit = self.log.committed
         self.msgs.append(r)
 
     def handle_snapshot(self, m: pb.Message) -> None:
@@ -1105,13 +1252,27 @@ class Raft:
                        applying=self.log.applying, applied=self.log.applied, snapshot_index=meta.index)
             return False
         if self.state != StateRole.Follower:
-            # Defence in depth: only a follower may install a snapshot.
-            self._warn("non-follower attempted to restore snapshot", state=self.state.name)
-            self.become_follower(self.term + 1, INVALID_ID)
-            return False
+            # Only a follower installs a snapshot: step() makes a candidate follow first and a
+            # leader never takes one of its own term (raft-rs warns and bumps its term here).
+            raise RaftInvariantError(f"a {self.state.name} attempted to restore a snapshot")
         cs = meta.conf_state
         if self.id not in cs.voters and self.id not in cs.learners and self.id not in cs.voters_outgoing:
             self._warn("attempted to restore snapshot but it is not in the ConfState", conf_state=list(cs.voters))
+            return False
+        try:
+            # A ConfState no configuration change can produce (no voters, a voter that is
+            # also a learner...) is refused before anything is installed: installed, it
+            # would be persisted and the node could never start from it again.
+            if not cs.voters:
+                raise ConfChangeError("no voters")
+            scratch = ProgressTracker(self.prs.max_inflight)
+            confchange.restore(scratch, meta.index, cs)
+            got = scratch.conf.to_conf_state()
+            if _conf_key(got) != _conf_key(cs):
+                # raft-rs: "invalid restore" (a node listed as voter and learner...)
+                raise ConfChangeError(f"it restores as {_conf_key(got)}")
+        except ConfChangeError as e:
+            self._warn("ignored snapshot with an impossible ConfState", reason=e, snapshot_index=meta.index)
             return False
         if self.pending_request_snapshot == 0 and self.log.match_term(meta.index, meta.term):
             # Our log already has the snapshot's last entry: just move commit (log matching).

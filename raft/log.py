@@ -13,7 +13,7 @@ import logging
 
 from cita_raft_pb import eraftpb_pb2 as pb
 
-from .errors import Compacted, RaftError, Unavailable
+from .errors import Compacted, RaftError, RaftInvariantError, Unavailable
 from .storage import Storage, limit_size
 
 
@@ -134,6 +134,11 @@ class RaftLog:
         return self.term(self.last_index())
 
     def match_term(self, index: int, term: int) -> bool:
+        """Whether our entry at `index` has `term`; False where we do not know the term
+        (beyond the last index, or compacted below the snapshot), even for term 0: term()
+        answers 0 there, which must not let an append "match" a hole (raft-rs: an error)."""
+        if index > self.last_index() or index < self.first_index() - 1:
+            return False
         return self.term(index) == term
 
     def is_up_to_date(self, last_index: int, term: int) -> bool:
@@ -170,7 +175,7 @@ class RaftLog:
 
     def maybe_append(self, index: int, log_term: int, committed: int, ents: list[pb.Entry]) -> tuple[int, int] | None:
         """AppendEntries receiver rules 2-5 (paper Fig. 2): (conflict index, last new index) or None."""
-        if self.term(index) != log_term:
+        if not self.match_term(index, log_term):
             return None
         last_new = index + len(ents)
         conflict = 0
@@ -183,7 +188,7 @@ class RaftLog:
                 conflict = self.find_conflict(ents)
         if conflict:
             if conflict <= self.committed:
-                raise RaftError(f"entry {conflict} conflicts with committed entry (committed {self.committed})")
+                raise RaftInvariantError(f"entry {conflict} conflicts with committed entry (committed {self.committed})")
             start = conflict - (index + 1)
             self.append(ents[start:] if start else ents)
         self.commit_to(min(committed, last_new))
@@ -194,7 +199,7 @@ class RaftLog:
             return self.last_index()
         after = ents[0].index - 1
         if after < self.committed:
-            raise RaftError(f"after {after} is out of range [committed {self.committed}]")
+            raise RaftInvariantError(f"truncating at {after + 1}, at or below the commit index {self.committed}")
         self.unstable.truncate_and_append(ents)
         # Entries at or above the first new one were replaced, so they are no longer persisted.
         if self.persisted > after:
@@ -258,7 +263,7 @@ class RaftLog:
         u = self.unstable
         last = u.offset + len(u.entries) - 1
         if index > last:
-            raise RaftError(f"commit index {index} out of range [last index {last}], the log is lost or corrupt")
+            raise RaftInvariantError(f"commit index {index} out of range [last index {last}], the log is lost or corrupt")
         self.committed = index
 
     def maybe_commit(self, max_index: int, term: int) -> bool:
@@ -290,7 +295,7 @@ class RaftLog:
         if index == 0 or index <= self.applied:
             return
         if index > self.committed:
-            raise RaftError(f"applied({index}) is out of range [committed {self.committed}]")
+            raise RaftInvariantError(f"applied({index}) is out of range [committed {self.committed}]")
         self.applied = index
         if self.applying < index:
             self.applying = index
@@ -298,6 +303,8 @@ class RaftLog:
     def restore(self, snap: pb.Snapshot) -> None:
         """Replace the log by a snapshot received from the leader (not yet persisted)."""
         index = snap.metadata.index
+        if index < self.committed:
+            raise RaftInvariantError(f"restoring a snapshot at {index} would move the commit index back from {self.committed}")
         self.logger.info("log starts to restore snapshot index=%d term=%d", index, snap.metadata.term)
         self.unstable.restore(snap)
         self.committed = index

@@ -15,6 +15,7 @@ from enum import IntEnum
 from cita_raft_pb import eraftpb_pb2 as pb
 
 from . import quorum
+from .errors import RaftInvariantError
 from .quorum import VoteResult
 
 
@@ -41,7 +42,7 @@ class Inflights:
 
     def add(self, last_index: int) -> None:
         if len(self._q) >= self.cap:
-            raise OverflowError("cannot add into a full inflights window")
+            raise RaftInvariantError("cannot add into a full inflights window")
         self._q.append(last_index)
 
     def free_to(self, index: int) -> None:
@@ -153,6 +154,16 @@ class Progress:
         self.paused = False
         return True
 
+    def lost_log(self, next_idx: int) -> None:
+        """The follower rejected an append at or below `matched`: its log no longer holds
+        entries it acknowledged (a wiped or cut store; or the rejection is a stale
+        duplicate). Forget the match, which only an acknowledgement may establish again,
+        and probe from `next_idx`. Lowering `matched` is safe: the leader never lowers its
+        commit index, and an underestimate only delays counting this follower."""
+        self.matched = 0
+        self._reset_state(ProgressState.Probe)
+        self.next_idx = max(next_idx, 1)
+
     def is_paused(self) -> bool:
         s = self.state
         if s == ProgressState.Probe:
@@ -175,7 +186,7 @@ class Progress:
         elif self.state == ProgressState.Probe:
             self.pause()
         else:
-            raise AssertionError(f"sending append in unhandled state {self.state.name}")
+            raise RaftInvariantError(f"sending append in unhandled state {self.state.name}")
 
 
 @dataclass

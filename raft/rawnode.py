@@ -19,12 +19,14 @@ from cita_raft_pb import eraftpb_pb2 as pb
 
 from .config import Config
 from .core import (
+    INVALID_ID,
     LOCAL_MSGS,
     RESPONSE_MSGS,
     MsgAppend,
     MsgHeartbeat,
     MsgHup,
     MsgPropose,
+    MsgReadIndex,
     MsgRequestPreVote,
     MsgSnapshot,
     MsgSnapStatus,
@@ -33,8 +35,9 @@ from .core import (
     MsgUnreachable,
     Raft,
     StateRole,
+    msg_name,
 )
-from .errors import ProposalDropped, RaftError, StepLocalMsg, StepPeerNotFound
+from .errors import ProposalDropped, RaftError, RaftInvariantError, StepLocalMsg, StepPeerNotFound
 from .storage import Storage
 
 # Messages that promise nothing about this node's durable state, so they need not wait for fsync.
@@ -99,6 +102,18 @@ class Status:
     last_index: int
     persisted: int = 0
     lead_transferee: int = 0
+
+
+def _check_hard_state(prev: tuple[int, int, int], new: tuple[int, int, int]) -> None:
+    """Raft never moves the term or the commit index back, nor changes a vote within a
+    term (paper §5.1, §5.2, §5.4): a Ready that would persist such a hard state means the
+    core is broken, and the host must stop before writing it."""
+    if new[0] < prev[0]:
+        raise RaftInvariantError(f"term going back from {prev[0]} to {new[0]}")
+    if new[0] == prev[0] and prev[1] != 0 and new[1] != prev[1]:
+        raise RaftInvariantError(f"vote changing from {prev[1]} to {new[1]} within term {new[0]}")
+    if new[2] < prev[2]:
+        raise RaftInvariantError(f"commit index going back from {prev[2]} to {new[2]}")
 
 
 class RawNode:
@@ -166,7 +181,19 @@ class RawNode:
         unknown peers raise StepPeerNotFound (raft-rs)."""
         t = msg.msg_type
         if t in LOCAL_MSGS:
-            raise StepLocalMsg(f"{pb.MessageType.Name(t)} is a local message")
+            raise StepLocalMsg(f"{msg_name(t)} is a local message")
+        frm = getattr(msg, "from")
+        if frm == INVALID_ID or frm == self.raft.id:
+            # Nobody (0 means "no vote" on the wire) or ourselves: a forged or looped message
+            # could vote twice or count our unpersisted entries; drop it.
+            self.raft._drop_message(msg, f"message from {'nobody' if frm == INVALID_ID else 'this node itself'}")
+            return
+        if msg.term == 0 and t != MsgPropose and t != MsgReadIndex:
+            # Term 0 means "local" to the core (raft-rs too); from a peer it would pass the
+            # term checks and could move our term back to 0 (every peer message has a term,
+            # but forwarded proposals and read requests).
+            self.raft._drop_message(msg, "message without a term")
+            return
         if t in RESPONSE_MSGS and getattr(msg, "from") not in self.raft.prs.progress:
             raise StepPeerNotFound(f"no progress for peer {getattr(msg, 'from')}")
         if t == MsgPropose:
@@ -228,6 +255,7 @@ class RawNode:
         hs_key = (r.term, r.vote, lg.committed)
         prev = self._prev_hs_key
         if hs_key != prev:
+            _check_hard_state(prev, hs_key)
             hs = rd.hard_state = pb.HardState()
             hs.term, hs.vote, hs.commit = hs_key
             if hs_key[0] != prev[0] or hs_key[1] != prev[1]:

@@ -128,6 +128,20 @@ class Network:
         self.nodes[nid] = node
         return node
 
+    def wipe(self, nid: int, storage: MemoryStorage | None = None, **cfg) -> Node:
+        """The host of `nid` restarts after losing its durable state: a fresh RawNode over
+        `storage` (default: empty, with the configured voters, as a wiped data dir), with
+        nothing applied. Messages in flight to it are lost with the process."""
+        old = self.nodes[nid]
+        if storage is None:
+            storage = MemoryStorage.new_with_conf_state(sorted(old.raft.prs.conf.voter_ids()))
+        c = dict(self.cfg)
+        c.update(cfg)
+        self.queue = deque(m for m in self.queue if m.to != nid)
+        node = Node(nid, storage, Config(id=nid, **c), seed=self.seed * 1000 + nid + 13, logger=self.logger)
+        self.nodes[nid] = node
+        return node
+
     # ---- faults -------------------------------------------------------------------
 
     def drop(self, frm: int, to: int, p: float = 1.0) -> None:
@@ -231,8 +245,10 @@ class Network:
             self.logger.debug("step error at %d: %s", m.to, e)
         return True
 
-    def settle(self, max_rounds: int = 10_000) -> None:
-        """Run Readies and deliveries until no node has anything left to do."""
+    def settle(self, max_rounds: int = 10_000, max_deliveries: int = 200_000) -> None:
+        """Run Readies and deliveries until no node has anything left to do. A message
+        storm that never ends (two nodes answering each other forever) fails the test."""
+        delivered = 0
         for _ in range(max_rounds):
             moved = False
             for node in list(self.nodes.values()):
@@ -240,6 +256,9 @@ class Network:
                     moved = True
             while self.deliver_one():
                 moved = True
+                delivered += 1
+                if delivered > max_deliveries:
+                    raise AssertionError(f"network did not settle: over {max_deliveries} messages delivered")
                 for node in list(self.nodes.values()):
                     while self.handle_ready(node):
                         pass

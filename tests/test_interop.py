@@ -289,6 +289,83 @@ def test_partitioned_old_leader_rejoins(make_cluster, layout, compact):
     c.assert_clean()
 
 
+# ---------------------------------------------------------------- lost state (issue 13 #4)
+
+def _catch_up_rounds(c: MixedCluster, leader: int, wiped: int, rounds: int) -> tuple[int, int]:
+    """Tick every node one round at a time until `wiped` applied exactly the leader's
+    committed log; (rounds used, messages routed meanwhile). The leader must stay."""
+    term = c.status(leader)["term"]
+    m0 = c.msgs
+    for r in range(1, rounds + 1):
+        c.tick(c.nodes)
+        st = c.status(leader)
+        assert st["raftState"] == "StateLeader" and st["term"] == term, f"round {r}: leader changed: {c.roles()}"
+        snap = c.snap_metas[wiped][-1].index if c.snap_metas[wiped] else 0
+        if c.status(wiped)["commit"] == st["commit"] and \
+                c.committed(wiped) == [e for e in c.committed(leader) if e[0] > snap]:
+            return r, c.msgs - m0
+    raise AssertionError(f"node {wiped} ({c.layout[wiped]}) did not catch up in {rounds} rounds:\n{c.describe()}")
+
+
+@pytest.mark.parametrize("layout,wiped,compact", [
+    ("PEP", 3, False), ("PEP", 3, True), ("PEE", 3, False), ("PEE", 3, True), ("PPE", 2, False)])
+def test_python_leader_catches_up_a_follower_that_lost_its_log(make_cluster, layout, wiped, compact):
+    """A follower restarts with an empty log (wiped data dir) while the Python leader stays.
+    Its rejections lie below the leader's match; the leader re-sends from the follower's
+    hint (or its snapshot) within 2 election timeouts, with bounded traffic. An etcd
+    follower panics on a heartbeat whose commit is beyond its last index (etcd treats a
+    lost log as fatal corruption), so for it the first message after the restart is an
+    append (a proposal); a Python follower is left to the heartbeats alone."""
+    c = make_cluster(layout)
+    elect(c, 1)
+    c.propose(1, [b"before-wipe-%d" % k for k in range(20)])
+    if compact:
+        c.compact(1)
+    c.wipe(wiped)
+    if c.layout[wiped] == "E":
+        c.propose(1, [b"after-wipe"])
+    used, msgs = _catch_up_rounds(c, 1, wiped, rounds=2 * 10)
+    # per round: 2 heartbeats and 2 answers, plus once a rejection, a probe, and the
+    # re-sent log (one append of <= 1 MiB, or one snapshot) and its answer
+    assert msgs <= 4 * used + 12, f"{msgs} messages in {used} rounds"
+    if compact:
+        assert len(c.snap_metas[wiped]) == 1, c.snap_metas[wiped]
+    else:
+        assert_logs_identical(c, [1, wiped])
+    c.propose(1, [b"after-catch-up"])
+    assert c.data_log(wiped)[-1] == b"after-catch-up"
+    assert c.status(wiped)["commit"] == c.status(1)["commit"]
+    c.assert_clean()
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["log", "snapshot"])
+def test_etcd_leader_and_a_python_follower_that_lost_its_log(make_cluster, compact):
+    """A wiped Python follower under an etcd 3.4 leader: it must neither crash nor refuse
+    the leader, and it must take the log (or snapshot) once the leader re-sends it. etcd
+    ignores rejections at or below its match while it streams (and the signal our
+    follower sends with each heartbeat), so it re-sends only once an append beyond the
+    match is rejected: the second append after the wipe. No message storm meanwhile."""
+    c = make_cluster("EPP")
+    elect(c, 1)
+    c.propose(1, [b"before-wipe-%d" % k for k in range(20)])
+    if compact:
+        c.compact(1)
+    c.wipe(3)
+    m0, r0 = c.msgs, c.rounds
+    c.tick(c.nodes, rounds=3)
+    for k in range(3):
+        c.propose(1, [b"after-wipe-%d" % k])
+    c.tick(c.nodes, rounds=2)
+    assert c.status(3)["commit"] == c.status(1)["commit"], c.describe()
+    if compact:
+        assert len(c.snap_metas[3]) == 1, c.snap_metas[3]
+        assert c.data_log(3) == [b"after-wipe-%d" % k for k in range(3)]
+    else:
+        assert_logs_identical(c, c.nodes)
+    assert c.msgs - m0 <= 8 * (c.rounds - r0), f"{c.msgs - m0} messages in {c.rounds - r0} rounds"
+    c.assert_clean()
+
+
 # ---------------------------------------------------------------- wire
 
 def test_raft_rs_encoded_messages_accepted(make_cluster):

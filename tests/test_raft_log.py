@@ -4,7 +4,7 @@ import pytest
 
 from cita_raft_pb import eraftpb_pb2 as pb
 from raft import MemoryStorage
-from raft.errors import Compacted, RaftError
+from raft.errors import Compacted, RaftInvariantError
 from raft.log import RaftLog
 
 
@@ -55,7 +55,7 @@ def test_conflicting_tail_is_replaced():
 def test_never_truncate_committed():
     lg = log_with([(1, 1), (2, 1), (3, 1)])
     lg.commit_to(3)
-    with pytest.raises(RaftError):
+    with pytest.raises(RaftInvariantError):
         lg.maybe_append(1, 1, 3, ents((2, 5)))
 
 
@@ -69,7 +69,7 @@ def test_commit_only_current_term_entries():
 
 def test_commit_beyond_last_index_is_an_error():
     lg = log_with([(1, 1)])
-    with pytest.raises(RaftError):
+    with pytest.raises(RaftInvariantError):
         lg.commit_to(5)
 
 

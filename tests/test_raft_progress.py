@@ -2,6 +2,7 @@
 
 import pytest
 
+from raft.errors import RaftInvariantError
 from raft.progress import Inflights, Progress, ProgressState
 
 
@@ -11,7 +12,7 @@ def test_inflights_window():
     ins.add(7)
     ins.add(9)
     assert ins.full()
-    with pytest.raises(OverflowError):
+    with pytest.raises(RaftInvariantError):
         ins.add(10)
     ins.free_to(7)
     assert len(ins) == 1 and not ins.full()

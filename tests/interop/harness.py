@@ -241,6 +241,19 @@ class MixedCluster(Cluster):
                 self.leaders_by_term.setdefault(hs[-1].term if hs else 0, set()).add(nid)
 
     # ------------------------------------------------------------- verbs
+    def wipe(self, nid: int) -> None:
+        """Node `nid` loses its durable state: its process is ended and started again with
+        the same command line, so it comes back with an empty log (term 0, the configured
+        voters), as a host does after its data dir was wiped. Messages in flight to it are
+        lost with the old process; the records of what it applied start afresh."""
+        old = self.nodes[nid]
+        old.close()
+        self.nodes[nid] = _dc.Node(nid, old.argv)
+        self.pending[nid] = []
+        for rec in (self.conf_states, self.hard_states, self.snap_metas, self.conf_at):
+            rec[nid] = []
+        self.process(self.exchange({nid: []}))
+
     def ids(self, kind: str | None = None) -> list[int]:
         return [i for i, k in self.layout.items() if kind is None or k == kind]
 
