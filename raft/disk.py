@@ -48,7 +48,16 @@ from raft.errors import (
 )
 from raft.snapshot import SnapshotStore
 from raft.storage import RaftState, limit_size, new_snapshot
-from raft.wal import Kind, WalWriter, fsync_dir, list_segments, read_last_seq, scan_segment, segment_name
+from raft.wal import (
+    Kind,
+    WalWriter,
+    fsync_dir,
+    list_segments,
+    read_last_seq,
+    scan_segment,
+    segment_name,
+    write_last_seq,
+)
 
 __all__ = ["DiskStorage", "STORE_DIR"]
 
@@ -116,6 +125,10 @@ class DiskStorage:
         self.root = os.path.join(path, STORE_DIR)
         self.segment_bytes = segment_bytes
         self._writer = None
+        # True when recovery cut or dropped damaged data that may have been synced
+        # (acknowledged): the host must then start raft as a node that lost state
+        # (Config.lost_state). Which damage counts: docs/internals.md.
+        self.recovery_lost_synced = False
         os.makedirs(path, exist_ok=True)
         self._lock_fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -265,7 +278,11 @@ class DiskStorage:
                         f"{scan.damage}, but a record written after a later sync follows at offset "
                         f"{scan.acknowledged_after} (damage inside acknowledged data, not a torn write)",
                     )
-                cut = (path, scan.good_end, scan.size - scan.good_end, scan.damage)
+                # A segment LAST does not name yet never held acknowledged data (appends
+                # go to it only after LAST names it); elsewhere only a torn append is
+                # damage a crash leaves behind.
+                crash_like = scan.plausible_torn or seq == recorded + 1
+                cut = (path, scan.good_end, scan.size - scan.good_end, scan.damage, crash_like)
             records = scan.records
             if not records:
                 if pos == last_pos and pos > 0 and seq == recorded + 1:
@@ -408,15 +425,18 @@ class DiskStorage:
         last = base + len(entries)
         hs_repaired = False  # recovery changed the hard state: write it back
         if hs.commit > last:
-            # Only an unsynced (never acknowledged) tail can be missing here: damage
-            # elsewhere raised above. raft-rs would refuse a commit beyond the log.
+            # The hard state is written after the entries it commits, so a crash cannot
+            # keep it without them: synced entries were lost to damage. raft-rs would
+            # refuse a commit beyond the log.
             self.log.warning(
-                "disk: hard state commit=%d beyond last index=%d (entries lost with an unsynced tail); lowering it",
+                "disk: hard state commit=%d beyond last index=%d: committed entries that had been synced "
+                "are missing (damaged storage); lowering it, the node restarts as one that lost state",
                 hs.commit,
                 last,
             )
             hs.commit = last
             hs_repaired = True
+            self.recovery_lost_synced = True
         last_term = entries[-1].term if entries else base_term
         if last_term > hs.term:
             # A torn tail kept a Ready's entries but not the hard state written after
@@ -424,7 +444,7 @@ class DiskStorage:
             # term of any entry it accepts); no vote in that term was ever durable,
             # hence never sent, so the vote is cleared.
             self.log.warning(
-                "disk: hard state term=%d behind last entry term=%d (its record was lost with an unsynced tail "
+                "disk: hard state term=%d behind last entry term=%d (its record was lost with the cut tail "
                 "or never written); raising it, vote cleared",
                 hs.term,
                 last_term,
@@ -441,20 +461,39 @@ class DiskStorage:
 
         seq, path = segments[-1]
         if cut is not None:
-            cut_path, offset, nbytes, why = cut
-            self.log.warning(
-                "wal: torn tail cut in %s at offset %d (%d bytes: %s): an interrupted write, never acknowledged",
-                cut_path,
-                offset,
-                nbytes,
-                why,
-            )
+            cut_path, offset, nbytes, why, crash_like = cut
+            if crash_like:
+                self.log.warning(
+                    "wal: torn tail cut in %s at offset %d (%d bytes: %s): it looks like a write interrupted "
+                    "by a crash; recovery cannot tell whether it had been synced",
+                    cut_path,
+                    offset,
+                    nbytes,
+                    why,
+                )
+            else:
+                self.recovery_lost_synced = True
+                self.log.warning(
+                    "wal: damaged tail cut in %s at offset %d (%d bytes: %s): a crash does not leave such "
+                    "damage, so data that may have been synced and acknowledged is lost; the node restarts "
+                    "as one that lost state",
+                    cut_path,
+                    offset,
+                    nbytes,
+                    why,
+                )
             fd = os.open(cut_path, os.O_WRONLY)
             try:
                 os.ftruncate(fd, offset)
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        if seq == recorded + 1:
+            # A crash after the segment was created (durably) and before LAST named it:
+            # accepted above, so LAST must name it now, or the next such crash at the
+            # following rotation would leave a WAL two segments ahead of LAST.
+            self.log.warning("wal: LAST named %s; updating it to %s", segment_name(recorded), segment_name(seq))
+            write_last_seq(wal_dir, seq)
         size = os.path.getsize(path)
         self._writer = WalWriter(wal_dir, seq, size, self.segment_bytes, self.log, seg_prev[: len(segments)])
         if adopted is not None:
