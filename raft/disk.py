@@ -492,7 +492,9 @@ class DiskStorage:
             # A crash after the segment was created (durably) and before LAST named it:
             # accepted above, so LAST must name it now, or the next such crash at the
             # following rotation would leave a WAL two segments ahead of LAST.
-            self.log.warning("wal: LAST named %s; updating it to %s", segment_name(recorded), segment_name(seq))
+            self.log.warning(
+                "wal: LAST named %s; updating it to %s", segment_name(recorded), segment_name(seq)
+            )
             write_last_seq(wal_dir, seq)
         size = os.path.getsize(path)
         self._writer = WalWriter(wal_dir, seq, size, self.segment_bytes, self.log, seg_prev[: len(segments)])

@@ -113,7 +113,9 @@ def test_last_repair_is_durable_through_temp_file_and_directory_fsync(tmp_path, 
     crash_before_last_is_updated(s, monkeypatch)
     calls: list[str] = []
     real_replace, real_fsync = os.replace, os.fsync
-    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append(f"replace {os.path.basename(b)}"), real_replace(a, b))[1])
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: (calls.append(f"replace {os.path.basename(b)}"), real_replace(a, b))[1]
+    )
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
     s = open_ok(path)
     s.close()
