@@ -117,3 +117,11 @@ soak: setup
 soak-interop: setup
 	INTEROP_SOAK_SEEDS=$(or $(SEEDS),30) INTEROP_SOAK_STEPS=$(or $(STEPS),1500) \
 		$(PY) -m pytest -q tests/test_interop.py -k randomized
+
+# crash-state explorer of raft/ storage (tests/crash_explore; CI runs a sampled
+# variant in tests/test_crash_explore.py): every operation boundary of the storage
+# workloads under a process crash and a power loss, every sector cut, crashes
+# during recovery too; prints the states checked per model. SEED=n for the sampling
+.PHONY: crash-explore
+crash-explore: setup
+	$(PY) -m tests.crash_explore --full $(if $(SEED),--seed $(SEED))

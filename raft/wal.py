@@ -245,8 +245,8 @@ def torn_append(data: bytes, damage: int) -> bool:
     written bytes or zeros (a sector that never reached the disk), and the
     file may end anywhere. Damage is such a torn append when no well-formed
     record follows it and the first damaged record is explained by an end of
-    file or a zero sector inside it: its header is cut short or all zeros, or
-    it is well framed (known kind, sane length, batch at or before its own
+    file or a zero sector inside it: its header is cut short, all zeros (with
+    only zeros after it) or zero from a sector boundary on, or it is well framed (known kind, sane length, batch at or before its own
     offset) and runs past the end of the file or holds a sector-aligned run
     of zeros. Anything else (a bit flip in a whole record, garbage, a hole
     followed by valid records) is damage a crash cannot produce.
@@ -261,6 +261,9 @@ def torn_append(data: bytes, damage: int) -> bool:
         return True  # header cut short by the end of the file
     if not any(data[damage : damage + HEADER_SIZE]):
         return not any(data[damage:])  # a zero header: only a zero tail is an unwritten extension
+    boundary = (damage // SECTOR + 1) * SECTOR
+    if boundary < damage + HEADER_SIZE and not any(data[boundary : damage + HEADER_SIZE]):
+        return True  # the header's first sector was written, the next one not (yet)
     length, _crc, kind, batch = HEADER.unpack_from(data, damage)
     if kind not in _VALID_KINDS or length > MAX_RECORD or batch > damage:
         return False
