@@ -125,3 +125,10 @@ soak-interop: setup
 .PHONY: crash-explore
 crash-explore: setup
 	$(PY) -m tests.crash_explore --full $(if $(SEED),--seed $(SEED))
+
+# seeded fuzzer of the storage decoders (WAL, snapshot files, Rust import) with random
+# damage: every input must recover or be refused with CorruptLog (CI runs 5,000 inputs
+# in tests/test_fuzz_storage.py). INPUTS=n (default 100,000) SEED=n
+.PHONY: fuzz-storage
+fuzz-storage: setup
+	$(PY) -m tests.fuzz_storage --inputs $(or $(INPUTS),100000) --seed $(or $(SEED),1)

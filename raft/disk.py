@@ -36,6 +36,8 @@ import random
 import shutil
 import struct
 
+from google.protobuf.message import DecodeError
+
 from cita_raft_pb import eraftpb_pb2 as pb
 from raft import migrate
 from raft.errors import (
@@ -80,22 +82,36 @@ def _copy(msg):  # type: ignore[no-untyped-def]
     return out
 
 
+# What decoding a record whose checksum is right but whose payload is not what its
+# kind says raises (protobuf, struct): such a record was written that way, so it is
+# damage recovery must refuse, as CorruptLog, never another exception.
+_UNDECODABLE = (DecodeError, struct.error, ValueError)
+
+
 class _Latest:
     """Replay helper: the last payload of one small-state record kind, parsed on demand."""
 
-    __slots__ = ("cls", "obj", "raw")
+    __slots__ = ("cls", "obj", "raw", "where")
 
     def __init__(self, cls) -> None:  # type: ignore[no-untyped-def]
         self.cls = cls
         self.obj = cls()
         self.raw: bytes | None = None
+        self.where: tuple[str, int] = ("", 0)  # (file, offset) of `raw`
 
     def set(self, obj) -> None:  # type: ignore[no-untyped-def]
         self.obj, self.raw = obj, None
 
     def get(self):  # type: ignore[no-untyped-def]
         if self.raw is not None:
-            self.obj, self.raw = self.cls.FromString(self.raw), None
+            try:
+                self.obj, self.raw = self.cls.FromString(self.raw), None
+            except _UNDECODABLE as err:
+                path, offset = self.where
+                raise CorruptLog(
+                    f"WAL damaged: {path} at offset {offset}: undecodable {self.cls.DESCRIPTOR.name} record "
+                    f"with a valid checksum ({err}). {_RESTORE_HINT}"
+                ) from err
         return self.obj
 
 
@@ -298,7 +314,12 @@ class DiskStorage:
             kind, payload, offset = records[0]
             if kind != Kind.SEGMENT:
                 raise corrupt(path, offset, f"segment starts with a {Kind(kind).name} record, not SEGMENT")
-            marker = entry_from(payload)
+            try:
+                marker = entry_from(payload)
+            except _UNDECODABLE as err:
+                raise corrupt(
+                    path, offset, f"undecodable SEGMENT record with a valid checksum ({err})"
+                ) from err
             marker_seq = _U64.unpack(marker.data)[0] if len(marker.data) == 8 else -1
             if marker_seq != seq:
                 raise corrupt(
@@ -317,56 +338,62 @@ class DiskStorage:
                         f"before it ends at index={last} term={last_term}",
                     )
             seg_prev.append((seq, marker.index))
-            for kind, payload, offset in records[1:]:
-                if kind == k_entry:
-                    e = entry_from(payload)
-                    if e.index != base + len(entries) + 1:
-                        raise corrupt(
-                            path,
-                            offset,
-                            f"entry index={e.index} does not follow last index={base + len(entries)}",
-                        )
-                    entries.append(e)
-                elif kind == k_hardstate:
-                    hs_l.raw = payload
-                elif kind == k_truncate:
-                    index = entry_from(payload).index
-                    if index <= base and history_cut:
-                        # Overwrites entries of a deleted segment (they were uncommitted when
-                        # it was cut); a snapshot covers what came before, checked below.
-                        entries, base, base_term = [], index - 1, _UNKNOWN_TERM
-                    elif not base < index <= base + len(entries) + 1:
-                        raise corrupt(
-                            path,
-                            offset,
-                            f"truncation at index={index} outside the log ({base}, {base + len(entries)}]",
-                        )
-                    del entries[index - base - 1 :]
-                elif kind == k_applied:
-                    applied_l.raw = payload
-                    cs_from_applied = True
-                elif kind == k_confstate:
-                    cs_l.raw = payload
-                    cs_from_applied = False
-                elif kind == k_snapshot:
-                    snap = pb.Snapshot.FromString(payload)
-                    meta = snap.metadata
-                    k = meta.index - base
-                    if 0 < k <= len(entries) and entries[k - 1].term == meta.term:
-                        del entries[k:]  # the log agrees up to the snapshot: keep it as history
-                    else:
-                        entries, base, base_term = [], meta.index, meta.term
-                    cs_l.set(_copy(meta.conf_state))
-                    cs_from_applied = False
-                    hs = hs_l.get()
-                    hs.term = max(hs.term, meta.term)
-                    hs.commit = max(hs.commit, meta.index)
-                    applied_l.set(_copy(snap))
-                    wal_snapshot = snap
-                elif kind == k_abort:
-                    abort_height = _U64.unpack(payload)[0]
-                elif kind == k_segment:
-                    raise corrupt(path, offset, "SEGMENT record in the middle of a segment")
+            try:
+                for kind, payload, offset in records[1:]:
+                    if kind == k_entry:
+                        e = entry_from(payload)
+                        if e.index != base + len(entries) + 1:
+                            raise corrupt(
+                                path,
+                                offset,
+                                f"entry index={e.index} does not follow last index={base + len(entries)}",
+                            )
+                        entries.append(e)
+                    elif kind == k_hardstate:
+                        hs_l.raw, hs_l.where = payload, (path, offset)
+                    elif kind == k_truncate:
+                        index = entry_from(payload).index
+                        if index <= base and history_cut:
+                            # Overwrites entries of a deleted segment (they were uncommitted when
+                            # it was cut); a snapshot covers what came before, checked below.
+                            entries, base, base_term = [], index - 1, _UNKNOWN_TERM
+                        elif not base < index <= base + len(entries) + 1:
+                            raise corrupt(
+                                path,
+                                offset,
+                                f"truncation at index={index} outside the log ({base}, {base + len(entries)}]",
+                            )
+                        del entries[index - base - 1 :]
+                    elif kind == k_applied:
+                        applied_l.raw, applied_l.where = payload, (path, offset)
+                        cs_from_applied = True
+                    elif kind == k_confstate:
+                        cs_l.raw, cs_l.where = payload, (path, offset)
+                        cs_from_applied = False
+                    elif kind == k_snapshot:
+                        snap = pb.Snapshot.FromString(payload)
+                        meta = snap.metadata
+                        k = meta.index - base
+                        if 0 < k <= len(entries) and entries[k - 1].term == meta.term:
+                            del entries[k:]  # the log agrees up to the snapshot: keep it as history
+                        else:
+                            entries, base, base_term = [], meta.index, meta.term
+                        cs_l.set(_copy(meta.conf_state))
+                        cs_from_applied = False
+                        hs = hs_l.get()
+                        hs.term = max(hs.term, meta.term)
+                        hs.commit = max(hs.commit, meta.index)
+                        applied_l.set(_copy(snap))
+                        wal_snapshot = snap
+                    elif kind == k_abort:
+                        abort_height = _U64.unpack(payload)[0]
+                    elif kind == k_segment:
+                        raise corrupt(path, offset, "SEGMENT record in the middle of a segment")
+
+            except _UNDECODABLE as err:
+                raise corrupt(
+                    path, offset, f"undecodable {Kind(kind).name} record with a valid checksum ({err})"
+                ) from err
 
         hs, applied = hs_l.get(), applied_l.get()
         cs = _copy(applied.metadata.conf_state) if cs_from_applied else cs_l.get()
