@@ -17,10 +17,14 @@ change as a WAL record; `sync()` makes all of them durable at once, so
 several Readies written back to back share one fsync (group commit).
 Memory is bounded by `compact()`, never by re-reading files.
 
-Recovery (`open`) = newest valid snapshot + replay of the WAL. Only a torn
-tail of the last segment is cut (warning with file and offset); any other
-damage raises CorruptLog naming file, offset and what to do. It never drops
-acknowledged data silently.
+Recovery (`open`) = newest valid snapshot + replay of the WAL. Only the tail
+of the last segment is ever cut (warning with file and offset); any other
+damage raises CorruptLog naming file, offset and what to do. Every repair it
+makes of a crash state (LAST, a cut tail, the hard state) is durable before
+`open` returns. It never drops possibly acknowledged data silently: when the
+cut tail is not what a crash leaves (see wal.torn_append), or committed
+entries are missing, `recovery_lost_synced` is set and the warning says so
+(docs/internals.md, "Recovery").
 
 Crash model for tests: `simulate_crash()` drops everything not yet fsynced
 (optionally keeping a torn prefix of it) and closes; `DiskStorage.open()` on

@@ -27,7 +27,8 @@ at the end of the last segment, or, after a power cut, a hole inside the last
 unsynced batch. At open such a tail is cut (one warning naming the file and
 offset) provided no valid record after the damage belongs to a later batch
 (which would prove the damaged bytes had been fsynced); damage anywhere else
-raises `CorruptLog`.
+raises `CorruptLog`. `torn_append` tells a tail a crash can leave from one it
+cannot (then the cut data may have been synced: DiskStorage reports it).
 """
 
 from __future__ import annotations
