@@ -223,9 +223,9 @@ class Explorer:
     def record(self, name: str, fn, initial: dict, acked: Logical, pre: Timeline | None = None) -> Recording:  # type: ignore[no-untyped-def]
         root = os.path.join(self.scratch, "rec")
         materialize(initial, root)
-        timeline = pre or Timeline()
         with Recorder(root) as rec:
-            d = Driver(rec, root, acked, timeline)
+            d = Driver(rec, root, acked, pre)
+            timeline = d.t
             try:
                 fn(d)
             finally:

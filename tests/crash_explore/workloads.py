@@ -73,9 +73,13 @@ class Driver:
         self.rec = rec
         self.path = os.path.join(root, DATA)
         self.L = acked.copy()
-        self.t = timeline or Timeline()
         self.s: DiskStorage | None = None
-        self.written(acked)
+        if timeline is None:  # a fresh recording: `acked` holds from its first operation on
+            self.t = Timeline()
+            self.written(acked)
+            self.ack()
+        else:  # the caller's timeline already says what was written and acknowledged
+            self.t = timeline
 
     def ev(self, *ev) -> None:  # type: ignore[no-untyped-def]
         self.t.add(self.rec.mark(), ev)
