@@ -131,3 +131,18 @@ soak-interop: setup
 .PHONY: test-loaded
 test-loaded: setup
 	$(PY) scripts/test_loaded.py --runs $(or $(RUNS),10) --burners $(or $(BURNERS),2)
+
+# crash-state explorer of raft/ storage (tests/crash_explore; CI runs a sampled
+# variant in tests/test_crash_explore.py): every operation boundary of the storage
+# workloads under a process crash and a power loss, every sector cut, crashes
+# during recovery too; prints the states checked per model. SEED=n for the sampling
+.PHONY: crash-explore
+crash-explore: setup
+	$(PY) -m tests.crash_explore --full $(if $(SEED),--seed $(SEED))
+
+# seeded fuzzer of the storage decoders (WAL, snapshot files, Rust import) with random
+# damage: every input must recover or be refused with CorruptLog (CI runs 5,000 inputs
+# in tests/test_fuzz_storage.py). INPUTS=n (default 100,000) SEED=n
+.PHONY: fuzz-storage
+fuzz-storage: setup
+	$(PY) -m tests.fuzz_storage --inputs $(or $(INPUTS),100000) --seed $(or $(SEED),1)

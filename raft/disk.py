@@ -17,10 +17,14 @@ change as a WAL record; `sync()` makes all of them durable at once, so
 several Readies written back to back share one fsync (group commit).
 Memory is bounded by `compact()`, never by re-reading files.
 
-Recovery (`open`) = newest valid snapshot + replay of the WAL. Only a torn
-tail of the last segment is cut (warning with file and offset); any other
-damage raises CorruptLog naming file, offset and what to do. It never drops
-acknowledged data silently.
+Recovery (`open`) = newest valid snapshot + replay of the WAL. Only the tail
+of the last segment is ever cut (warning with file and offset); any other
+damage raises CorruptLog naming file, offset and what to do. Every repair it
+makes of a crash state (LAST, a cut tail, the hard state) is durable before
+`open` returns. It never drops possibly acknowledged data silently: when the
+cut tail is not what a crash leaves (see wal.torn_append), or committed
+entries are missing, `recovery_lost_synced` is set and the warning says so
+(docs/internals.md, "Recovery").
 
 Crash model for tests: `simulate_crash()` drops everything not yet fsynced
 (optionally keeping a torn prefix of it) and closes; `DiskStorage.open()` on
@@ -36,6 +40,8 @@ import random
 import shutil
 import struct
 
+from google.protobuf.message import DecodeError
+
 from cita_raft_pb import eraftpb_pb2 as pb
 from raft import migrate
 from raft.errors import (
@@ -48,7 +54,16 @@ from raft.errors import (
 )
 from raft.snapshot import SnapshotStore
 from raft.storage import RaftState, limit_size, new_snapshot
-from raft.wal import Kind, WalWriter, fsync_dir, list_segments, read_last_seq, scan_segment, segment_name
+from raft.wal import (
+    Kind,
+    WalWriter,
+    fsync_dir,
+    list_segments,
+    read_last_seq,
+    scan_segment,
+    segment_name,
+    write_last_seq,
+)
 
 __all__ = ["DiskStorage", "STORE_DIR"]
 
@@ -71,22 +86,36 @@ def _copy(msg):  # type: ignore[no-untyped-def]
     return out
 
 
+# What decoding a record whose checksum is right but whose payload is not what its
+# kind says raises (protobuf, struct): such a record was written that way, so it is
+# damage recovery must refuse, as CorruptLog, never another exception.
+_UNDECODABLE = (DecodeError, struct.error, ValueError)
+
+
 class _Latest:
     """Replay helper: the last payload of one small-state record kind, parsed on demand."""
 
-    __slots__ = ("cls", "obj", "raw")
+    __slots__ = ("cls", "obj", "raw", "where")
 
     def __init__(self, cls) -> None:  # type: ignore[no-untyped-def]
         self.cls = cls
         self.obj = cls()
         self.raw: bytes | None = None
+        self.where: tuple[str, int] = ("", 0)  # (file, offset) of `raw`
 
     def set(self, obj) -> None:  # type: ignore[no-untyped-def]
         self.obj, self.raw = obj, None
 
     def get(self):  # type: ignore[no-untyped-def]
         if self.raw is not None:
-            self.obj, self.raw = self.cls.FromString(self.raw), None
+            try:
+                self.obj, self.raw = self.cls.FromString(self.raw), None
+            except _UNDECODABLE as err:
+                path, offset = self.where
+                raise CorruptLog(
+                    f"WAL damaged: {path} at offset {offset}: undecodable {self.cls.DESCRIPTOR.name} record "
+                    f"with a valid checksum ({err}). {_RESTORE_HINT}"
+                ) from err
         return self.obj
 
 
@@ -116,6 +145,10 @@ class DiskStorage:
         self.root = os.path.join(path, STORE_DIR)
         self.segment_bytes = segment_bytes
         self._writer = None
+        # True when recovery cut or dropped damaged data that may have been synced
+        # (acknowledged): the host must then start raft as a node that lost state
+        # (Config.lost_state). Which damage counts: docs/internals.md.
+        self.recovery_lost_synced = False
         os.makedirs(path, exist_ok=True)
         self._lock_fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -265,7 +298,11 @@ class DiskStorage:
                         f"{scan.damage}, but a record written after a later sync follows at offset "
                         f"{scan.acknowledged_after} (damage inside acknowledged data, not a torn write)",
                     )
-                cut = (path, scan.good_end, scan.size - scan.good_end, scan.damage)
+                # A segment LAST does not name yet never held acknowledged data (appends
+                # go to it only after LAST names it); elsewhere only a torn append is
+                # damage a crash leaves behind.
+                crash_like = scan.plausible_torn or seq == recorded + 1
+                cut = (path, scan.good_end, scan.size - scan.good_end, scan.damage, crash_like)
             records = scan.records
             if not records:
                 if pos == last_pos and pos > 0 and seq == recorded + 1:
@@ -281,7 +318,12 @@ class DiskStorage:
             kind, payload, offset = records[0]
             if kind != Kind.SEGMENT:
                 raise corrupt(path, offset, f"segment starts with a {Kind(kind).name} record, not SEGMENT")
-            marker = entry_from(payload)
+            try:
+                marker = entry_from(payload)
+            except _UNDECODABLE as err:
+                raise corrupt(
+                    path, offset, f"undecodable SEGMENT record with a valid checksum ({err})"
+                ) from err
             marker_seq = _U64.unpack(marker.data)[0] if len(marker.data) == 8 else -1
             if marker_seq != seq:
                 raise corrupt(
@@ -300,56 +342,62 @@ class DiskStorage:
                         f"before it ends at index={last} term={last_term}",
                     )
             seg_prev.append((seq, marker.index))
-            for kind, payload, offset in records[1:]:
-                if kind == k_entry:
-                    e = entry_from(payload)
-                    if e.index != base + len(entries) + 1:
-                        raise corrupt(
-                            path,
-                            offset,
-                            f"entry index={e.index} does not follow last index={base + len(entries)}",
-                        )
-                    entries.append(e)
-                elif kind == k_hardstate:
-                    hs_l.raw = payload
-                elif kind == k_truncate:
-                    index = entry_from(payload).index
-                    if index <= base and history_cut:
-                        # Overwrites entries of a deleted segment (they were uncommitted when
-                        # it was cut); a snapshot covers what came before, checked below.
-                        entries, base, base_term = [], index - 1, _UNKNOWN_TERM
-                    elif not base < index <= base + len(entries) + 1:
-                        raise corrupt(
-                            path,
-                            offset,
-                            f"truncation at index={index} outside the log ({base}, {base + len(entries)}]",
-                        )
-                    del entries[index - base - 1 :]
-                elif kind == k_applied:
-                    applied_l.raw = payload
-                    cs_from_applied = True
-                elif kind == k_confstate:
-                    cs_l.raw = payload
-                    cs_from_applied = False
-                elif kind == k_snapshot:
-                    snap = pb.Snapshot.FromString(payload)
-                    meta = snap.metadata
-                    k = meta.index - base
-                    if 0 < k <= len(entries) and entries[k - 1].term == meta.term:
-                        del entries[k:]  # the log agrees up to the snapshot: keep it as history
-                    else:
-                        entries, base, base_term = [], meta.index, meta.term
-                    cs_l.set(_copy(meta.conf_state))
-                    cs_from_applied = False
-                    hs = hs_l.get()
-                    hs.term = max(hs.term, meta.term)
-                    hs.commit = max(hs.commit, meta.index)
-                    applied_l.set(_copy(snap))
-                    wal_snapshot = snap
-                elif kind == k_abort:
-                    abort_height = _U64.unpack(payload)[0]
-                elif kind == k_segment:
-                    raise corrupt(path, offset, "SEGMENT record in the middle of a segment")
+            try:
+                for kind, payload, offset in records[1:]:
+                    if kind == k_entry:
+                        e = entry_from(payload)
+                        if e.index != base + len(entries) + 1:
+                            raise corrupt(
+                                path,
+                                offset,
+                                f"entry index={e.index} does not follow last index={base + len(entries)}",
+                            )
+                        entries.append(e)
+                    elif kind == k_hardstate:
+                        hs_l.raw, hs_l.where = payload, (path, offset)
+                    elif kind == k_truncate:
+                        index = entry_from(payload).index
+                        if index <= base and history_cut:
+                            # Overwrites entries of a deleted segment (they were uncommitted when
+                            # it was cut); a snapshot covers what came before, checked below.
+                            entries, base, base_term = [], index - 1, _UNKNOWN_TERM
+                        elif not base < index <= base + len(entries) + 1:
+                            raise corrupt(
+                                path,
+                                offset,
+                                f"truncation at index={index} outside the log ({base}, {base + len(entries)}]",
+                            )
+                        del entries[index - base - 1 :]
+                    elif kind == k_applied:
+                        applied_l.raw, applied_l.where = payload, (path, offset)
+                        cs_from_applied = True
+                    elif kind == k_confstate:
+                        cs_l.raw, cs_l.where = payload, (path, offset)
+                        cs_from_applied = False
+                    elif kind == k_snapshot:
+                        snap = pb.Snapshot.FromString(payload)
+                        meta = snap.metadata
+                        k = meta.index - base
+                        if 0 < k <= len(entries) and entries[k - 1].term == meta.term:
+                            del entries[k:]  # the log agrees up to the snapshot: keep it as history
+                        else:
+                            entries, base, base_term = [], meta.index, meta.term
+                        cs_l.set(_copy(meta.conf_state))
+                        cs_from_applied = False
+                        hs = hs_l.get()
+                        hs.term = max(hs.term, meta.term)
+                        hs.commit = max(hs.commit, meta.index)
+                        applied_l.set(_copy(snap))
+                        wal_snapshot = snap
+                    elif kind == k_abort:
+                        abort_height = _U64.unpack(payload)[0]
+                    elif kind == k_segment:
+                        raise corrupt(path, offset, "SEGMENT record in the middle of a segment")
+
+            except _UNDECODABLE as err:
+                raise corrupt(
+                    path, offset, f"undecodable {Kind(kind).name} record with a valid checksum ({err})"
+                ) from err
 
         hs, applied = hs_l.get(), applied_l.get()
         cs = _copy(applied.metadata.conf_state) if cs_from_applied else cs_l.get()
@@ -408,15 +456,18 @@ class DiskStorage:
         last = base + len(entries)
         hs_repaired = False  # recovery changed the hard state: write it back
         if hs.commit > last:
-            # Only an unsynced (never acknowledged) tail can be missing here: damage
-            # elsewhere raised above. raft-rs would refuse a commit beyond the log.
+            # The hard state is written after the entries it commits, so a crash cannot
+            # keep it without them: synced entries were lost to damage. raft-rs would
+            # refuse a commit beyond the log.
             self.log.warning(
-                "disk: hard state commit=%d beyond last index=%d (entries lost with an unsynced tail); lowering it",
+                "disk: hard state commit=%d beyond last index=%d: committed entries that had been synced "
+                "are missing (damaged storage); lowering it, the node restarts as one that lost state",
                 hs.commit,
                 last,
             )
             hs.commit = last
             hs_repaired = True
+            self.recovery_lost_synced = True
         last_term = entries[-1].term if entries else base_term
         if last_term > hs.term:
             # A torn tail kept a Ready's entries but not the hard state written after
@@ -424,7 +475,7 @@ class DiskStorage:
             # term of any entry it accepts); no vote in that term was ever durable,
             # hence never sent, so the vote is cleared.
             self.log.warning(
-                "disk: hard state term=%d behind last entry term=%d (its record was lost with an unsynced tail "
+                "disk: hard state term=%d behind last entry term=%d (its record was lost with the cut tail "
                 "or never written); raising it, vote cleared",
                 hs.term,
                 last_term,
@@ -441,20 +492,41 @@ class DiskStorage:
 
         seq, path = segments[-1]
         if cut is not None:
-            cut_path, offset, nbytes, why = cut
-            self.log.warning(
-                "wal: torn tail cut in %s at offset %d (%d bytes: %s): an interrupted write, never acknowledged",
-                cut_path,
-                offset,
-                nbytes,
-                why,
-            )
+            cut_path, offset, nbytes, why, crash_like = cut
+            if crash_like:
+                self.log.warning(
+                    "wal: torn tail cut in %s at offset %d (%d bytes: %s): it looks like a write interrupted "
+                    "by a crash; recovery cannot tell whether it had been synced",
+                    cut_path,
+                    offset,
+                    nbytes,
+                    why,
+                )
+            else:
+                self.recovery_lost_synced = True
+                self.log.warning(
+                    "wal: damaged tail cut in %s at offset %d (%d bytes: %s): a crash does not leave such "
+                    "damage, so data that may have been synced and acknowledged is lost; the node restarts "
+                    "as one that lost state",
+                    cut_path,
+                    offset,
+                    nbytes,
+                    why,
+                )
             fd = os.open(cut_path, os.O_WRONLY)
             try:
                 os.ftruncate(fd, offset)
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        if seq == recorded + 1:
+            # A crash after the segment was created (durably) and before LAST named it:
+            # accepted above, so LAST must name it now, or the next such crash at the
+            # following rotation would leave a WAL two segments ahead of LAST.
+            self.log.warning(
+                "wal: LAST named %s; updating it to %s", segment_name(recorded), segment_name(seq)
+            )
+            write_last_seq(wal_dir, seq)
         size = os.path.getsize(path)
         self._writer = WalWriter(wal_dir, seq, size, self.segment_bytes, self.log, seg_prev[: len(segments)])
         if adopted is not None:

@@ -108,6 +108,9 @@ def read_rust_state(path: str, logger: logging.Logger) -> RustState:
     if raw is not None and raw.strip():
         try:
             abort_height = int(raw.decode("ascii").strip())
+            if not 0 <= abort_height < 2**64:
+                raise ValueError("not a u64")
         except (UnicodeDecodeError, ValueError):
+            abort_height = 0
             logger.warning("migrate: ignoring unreadable %s: %r", abort_path, raw[:40])
     return RustState(snapshot=snapshot, entry=entry, abort_height=abort_height)

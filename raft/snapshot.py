@@ -17,6 +17,8 @@ import logging
 import os
 import re
 
+from google.protobuf.message import DecodeError
+
 from cita_raft_pb import eraftpb_pb2 as pb
 from raft.errors import DiskFailure
 from raft.wal import Kind, SegmentScan, encode_record, fsync_dir, read_records
@@ -38,7 +40,10 @@ def decode_snapshot_file(data: bytes, index: int, term: int) -> pb.Snapshot:
         raise ValueError(f"{scan.damage} at offset {scan.good_end}")
     if len(scan.records) != 1 or scan.records[0][0] != Kind.SNAPSHOT:
         raise ValueError(f"expected one SNAPSHOT record, found {len(scan.records)} record(s)")
-    snap = pb.Snapshot.FromString(scan.records[0][1])
+    try:
+        snap = pb.Snapshot.FromString(scan.records[0][1])
+    except DecodeError as err:  # a valid checksum around bytes that are no Snapshot
+        raise ValueError(f"undecodable snapshot with a valid checksum: {err}") from err
     meta = snap.metadata
     if (meta.index, meta.term) != (index, term):
         raise ValueError(f"metadata index={meta.index} term={meta.term} does not match the file name")
@@ -78,7 +83,7 @@ class SnapshotStore:
                 data = f.read()
             try:
                 valid.append(decode_snapshot_file(data, index, term))
-            except Exception as err:  # any decode failure means the file is unusable
+            except ValueError as err:  # the file is unusable
                 os.replace(path, path + ".corrupt")
                 fsync_dir(self.dirpath)
                 self.log.warning("snapshot: %s is damaged (%s), set aside as %s.corrupt", path, err, name)

@@ -27,7 +27,8 @@ at the end of the last segment, or, after a power cut, a hole inside the last
 unsynced batch. At open such a tail is cut (one warning naming the file and
 offset) provided no valid record after the damage belongs to a later batch
 (which would prove the damaged bytes had been fsynced); damage anywhere else
-raises `CorruptLog`.
+raises `CorruptLog`. `torn_append` tells a tail a crash can leave from one it
+cannot (then the cut data may have been synced: DiskStorage reports it).
 """
 
 from __future__ import annotations
@@ -152,6 +153,8 @@ class SegmentScan:
     size: int = 0
     damage: str | None = None  # why reading stopped before the end of file
     acknowledged_after: int | None = None  # a record proving the damage was fsynced (see acknowledged_after)
+    # Damage only: does it look like an append interrupted by a crash (see torn_append)?
+    plausible_torn: bool = False
 
 
 def read_records(data: bytes, scan: SegmentScan) -> None:
@@ -215,6 +218,70 @@ def acknowledged_after(data: bytes, damage: int) -> int | None:
     return None
 
 
+SECTOR = 512  # the unit a power cut persists or loses as a whole (docs/internals.md)
+
+
+def _valid_record_after(data: bytes, start: int) -> bool:
+    """Is there a well-formed record (any batch) starting after `start`?"""
+    n = len(data)
+    view = memoryview(data)
+    for m in _KIND_BYTE_RE.finditer(data, start + 1 + 8):
+        p = m.start() - 8
+        if n - p < HEADER_SIZE:
+            break
+        length, crc, _kind, _batch = HEADER.unpack_from(data, p)
+        end = p + HEADER_SIZE + length
+        if length > MAX_RECORD or end > n:
+            continue
+        if zlib.crc32(view[p + 8 : end]) == crc:
+            return True
+    return False
+
+
+def torn_append(data: bytes, damage: int) -> bool:
+    """Could the bytes from `damage` to the end of the file be what a crash
+    leaves of an append in flight (so nothing that was ever synced is in them)?
+
+    The WAL only appends, so bytes past the last synced size can only be the
+    written bytes or zeros (a sector that never reached the disk), and the
+    file may end anywhere. Damage is such a torn append when no well-formed
+    record follows it and the first damaged record is explained by an end of
+    file or a zero sector inside it: its header is cut short, all zeros (with
+    only zeros after it) or zero from a sector boundary on, or it is well framed (known kind, sane length, batch at or before its own
+    offset) and runs past the end of the file or holds a sector-aligned run
+    of zeros. Anything else (a bit flip in a whole record, garbage, a hole
+    followed by valid records) is damage a crash cannot produce.
+    """
+    n = len(data)
+    rest = n - damage
+    if rest <= 0:
+        return True
+    if _valid_record_after(data, damage):
+        return False
+    if rest < HEADER_SIZE:
+        return True  # header cut short by the end of the file
+    if not any(data[damage : damage + HEADER_SIZE]):
+        return not any(data[damage:])  # a zero header: only a zero tail is an unwritten extension
+    boundary = (damage // SECTOR + 1) * SECTOR
+    if boundary < damage + HEADER_SIZE and not any(data[boundary : damage + HEADER_SIZE]):
+        return True  # the header's first sector was written, the next one not (yet)
+    length, _crc, kind, batch = HEADER.unpack_from(data, damage)
+    if kind not in _VALID_KINDS or length > MAX_RECORD or batch > damage:
+        return False
+    end = damage + HEADER_SIZE + length
+    if end > n:
+        return True  # the record runs past the end of the file: cut short
+    # A complete record with a bad checksum: only a sector that never reached the
+    # disk (zeros over the whole sector, or over the part inside the record) explains it.
+    s = (damage // SECTOR) * SECTOR
+    while s < end:
+        lo, hi = max(s, damage + HEADER_SIZE), min(s + SECTOR, end)
+        if lo < hi and not any(data[lo:hi]):
+            return True
+        s += SECTOR
+    return False
+
+
 def scan_segment(seq: int, path: str) -> SegmentScan:
     """Read one segment file; `damage` tells where and why reading stopped early."""
     with open(path, "rb") as f:
@@ -223,6 +290,7 @@ def scan_segment(seq: int, path: str) -> SegmentScan:
     read_records(data, scan)
     if scan.damage is not None:
         scan.acknowledged_after = acknowledged_after(data, scan.good_end)
+        scan.plausible_torn = torn_append(data, scan.good_end)
     return scan
 
 

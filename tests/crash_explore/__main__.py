@@ -1,0 +1,5 @@
+import sys
+
+from .explore import main
+
+sys.exit(main())
