@@ -325,7 +325,7 @@ WORKLOADS = {
 FULL_WORKLOADS = {**WORKLOADS, "sizes-0-1100": sizes(1100)}
 # The second level (crash during recovery) runs on every n-th new first-level state of
 # these long workloads (their states repeat the same few shapes).
-LEVEL2_EVERY = {"sizes-0-160": 10, "sizes-0-1100": 10}
+LEVEL2_EVERY = {"sizes-0-160": 30, "sizes-0-1100": 10}
 
 
 def continuation(d: Driver) -> None:
