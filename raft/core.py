@@ -151,6 +151,7 @@ class Raft:
             self.log.applied_to(min(config.applied, self.log.committed))
             self.log.applying = max(self.log.applying, self.log.applied)
         self.become_follower(self.term, INVALID_ID)
+        self._init_lost_state(config)
         self._info(
             "newRaft",
             term=self.term,
@@ -474,6 +475,8 @@ class Raft:
     # ---- ticks --------------------------------------------------------------------
 
     def tick(self) -> None:
+        if self.lost_state:
+            self._lost_state_tick()
         if self.state == StateRole.Leader:
             self.tick_heartbeat()
         else:
@@ -519,6 +522,8 @@ class Raft:
                 applied=self.log.applied,
                 committed=self.log.committed,
             )
+            return
+        if self.lost_state and not self._may_campaign_after_loss():
             return
         self._info("starting a new election", term=self.term)
         if transfer_leader:
@@ -593,6 +598,8 @@ class Raft:
         """Process one message (local or from a peer); raft-rs's Raft::step."""
         t = m.msg_type
         mt = m.term
+        if self.withholding_votes and mt:
+            self._note_term_while_withholding(m)
         if mt == self.term or mt == 0:
             pass  # the current term (the common case), or a local message
         elif mt > self.term:
@@ -661,6 +668,8 @@ class Raft:
             or (self.vote == INVALID_ID and self.leader_id == INVALID_ID)
             or (t == MsgRequestPreVote and m.term > self.term)
         )
+        if can_vote and self.lost_state and self._vote_withheld(m):
+            can_vote = False
         if can_vote and self.log.is_up_to_date(m.index, m.log_term):
             self._info(
                 "cast vote",
@@ -723,6 +732,102 @@ class Raft:
             ents = []
         if any(e.entry_type != pb.EntryNormal for e in ents):
             self.become_follower(self.term, INVALID_ID)
+
+    # ---- lost state (docs/internals.md, "Lost state") -------------------------------
+    #
+    # A node started with Config.lost_state may have voted, before the loss, in a term
+    # it no longer remembers. Until it follows a leader that caught it up, and a full
+    # election timeout has passed, it grants no vote or pre-vote and does not campaign
+    # (its own vote counts too); every term it hears meanwhile raises `vote_floor`.
+    # Afterwards it votes (and campaigns) only in terms above the floor.
+
+    def _init_lost_state(self, config: Config) -> None:
+        self.lost_state = config.lost_state
+        self.withholding_votes = config.lost_state
+        self.vote_floor = max(self.term, self.log.last_term()) if config.lost_state else 0
+        self._lost_ticks = 0  # ticks since the start, while withholding
+        self._lost_target: tuple[int, int] | None = None  # (term, leader commit) to catch up to
+        self._withheld = 0  # votes and campaigns refused since the last log line
+        self._withheld_logged_at = -(1 << 30)
+        if config.lost_state:
+            self._warn(
+                "lost state: withholding votes until a leader has caught this node up",
+                term=self.term,
+                vote_floor=self.vote_floor,
+                last_index=self.log.last_index(),
+            )
+
+    def _note_term_while_withholding(self, m: pb.Message) -> None:
+        t = m.msg_type
+        # A pre-vote request (or a granted pre-vote answer) names the sender's next term;
+        # its sender is one below it. Any other message carries its sender's term.
+        term = m.term - 1 if t == MsgRequestPreVote or (t == MsgRequestPreVoteResponse and not m.reject) else m.term
+        if term > self.vote_floor:
+            self.vote_floor = term
+        if t == MsgAppend and m.term >= self.term:
+            # The leader's commit index when it first reached us in its term: once our
+            # log commits that far, the leader has caught us up (our log matches its).
+            if self._lost_target is None or self._lost_target[0] != m.term:
+                self._lost_target = (m.term, m.commit)
+
+    def _lost_state_tick(self) -> None:
+        self._lost_ticks += 1
+        target = self._lost_target
+        if (
+            self.withholding_votes
+            and self._lost_ticks >= self.max_election_timeout
+            and self.state == StateRole.Follower
+            and self.leader_id != INVALID_ID
+            and target is not None
+            and target[0] == self.term
+            and self.log.committed >= target[1]
+        ):
+            self.withholding_votes = False
+            self._info(
+                "lost state: voting again, only in terms above the vote floor",
+                vote_floor=self.vote_floor,
+                term=self.term,
+                leader=self.leader_id,
+                commit=self.log.committed,
+                refused=self._withheld,
+            )
+            self._withheld = 0
+        elif self._withheld and self._lost_ticks - self._withheld_logged_at >= self.election_timeout:
+            self._log_withheld("votes refused" if self.withholding_votes else "votes refused at or below the vote floor", None)
+
+    def _log_withheld(self, what: str, m: pb.Message | None) -> None:
+        """Rate-limited: the first refusal, then a summary at most once per election timeout."""
+        kv: dict[str, object] = {"term": self.term, "vote_floor": self.vote_floor, "refused": self._withheld}
+        if m is not None:
+            kv.update(msg=msg_name(m.msg_type), candidate=getattr(m, "from"), msg_term=m.term)
+        if self.withholding_votes:
+            target = self._lost_target
+            kv.update(leader=self.leader_id, commit=self.log.committed, catch_up_to=target[1] if target else None)
+        self._warn(f"lost state: {what}", **kv)
+        self._withheld_logged_at = self._lost_ticks
+        self._withheld = 0
+
+    def _vote_withheld(self, m: pb.Message) -> bool:
+        """True if the lost-state rule refuses this vote or pre-vote request. A pre-vote
+        binds nothing, but granting it would predict a vote we would refuse."""
+        if not (self.withholding_votes or m.term <= self.vote_floor):
+            return False
+        self._withheld += 1
+        if self._lost_ticks - self._withheld_logged_at >= self.election_timeout:
+            self._log_withheld("vote withheld", m)
+        return True
+
+    def _may_campaign_after_loss(self) -> bool:
+        if self.withholding_votes:
+            self._withheld += 1
+            if self._lost_ticks - self._withheld_logged_at >= self.election_timeout:
+                self._log_withheld("not campaigning (no vote, not even our own)", None)
+            return False
+        if self.term < self.vote_floor:
+            # Our next term must lie above the floor: we may have voted for someone else
+            # in any term up to it. Adopting a higher term is always allowed (§5.1).
+            self.become_follower(self.vote_floor, INVALID_ID)
+        return True
 
     # ---- leader -------------------------------------------------------------------
 

@@ -1,0 +1,125 @@
+"""Config.lost_state (docs/internals.md, "Lost state"): a node that restarted after
+losing durable state withholds votes, pre-votes and its own candidacy until the leader
+of its term caught it up and one max election timeout passed, then votes only in terms
+above every term it heard meanwhile. Driven message by message on one RawNode."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+from cita_raft_pb import eraftpb_pb2 as pb
+from raft import Config, RawNode, StateRole
+from tests.raft_harness import bootstrapped_storage, msg
+
+
+def _node(lost: bool, pre_vote: bool = False) -> RawNode:
+    cfg = Config(id=1, election_tick=10, heartbeat_tick=1, pre_vote=pre_vote, lost_state=lost)
+    raw = RawNode(cfg, bootstrapped_storage([1, 2, 3]), rng=random.Random(1), logger=logging.getLogger("t"))
+    raw.test_storage = raw.raft.storage
+    return raw
+
+
+def _drain(raw: RawNode) -> list[pb.Message]:
+    out: list[pb.Message] = []
+    while raw.has_ready():
+        rd = raw.ready()
+        if rd.entries:
+            raw.test_storage.append(list(rd.entries))
+        if rd.hard_state is not None:
+            raw.test_storage.set_hardstate(rd.hard_state)
+        if rd.committed_entries:
+            raw.advance_apply_to(rd.committed_entries[-1].index)
+        out += list(rd.messages) + list(rd.persisted_messages)
+        raw.advance(rd)
+    return out
+
+
+def _vote_answers(raw: RawNode, msgs: list[pb.Message]) -> list[bool]:
+    return [not m.reject for m in msgs if m.msg_type in (pb.MsgRequestVoteResponse, pb.MsgRequestPreVoteResponse)]
+
+
+def _ask_vote(raw: RawNode, frm: int, term: int, pre: bool = False, last: tuple[int, int] = (5, 5)) -> bool:
+    t = pb.MsgRequestPreVote if pre else pb.MsgRequestVote
+    raw.step(msg(t, frm, 1, term, index=last[0], log_term=last[1]))
+    (granted,) = _vote_answers(raw, _drain(raw))
+    return granted
+
+
+def _catch_up(raw: RawNode, leader: int, term: int) -> None:
+    """The leader of `term` appends entry 6 and commits it."""
+    e = pb.Entry(index=6, term=term, data=b"x")
+    raw.step(msg(pb.MsgAppend, leader, 1, term, index=5, log_term=5, commit=6, entries=[e]))
+    _drain(raw)
+
+
+def test_without_lost_state_the_node_votes_as_raft_says():
+    raw = _node(lost=False)
+    assert _ask_vote(raw, 2, 7)
+    st = raw.status()
+    assert (st.voting_withheld, st.vote_floor) == (False, 0)
+
+
+def test_a_lost_state_node_refuses_votes_and_pre_votes_and_does_not_campaign(caplog):
+    raw = _node(lost=True, pre_vote=True)
+    with caplog.at_level(logging.INFO, logger="t"):
+        assert not _ask_vote(raw, 2, 7)
+        assert not _ask_vote(raw, 3, 9, pre=True)
+        raw.campaign()
+        _drain(raw)
+        assert raw.status().role == StateRole.Follower
+        for _ in range(100):
+            raw.tick()  # no leader: it never campaigns on its own either
+        _drain(raw)
+    assert raw.status().role == StateRole.Follower
+    assert raw.status().voting_withheld
+    # Every term it heard raises the floor (a pre-vote for 9 comes from a node at 8).
+    assert raw.status().vote_floor == 8
+    text = caplog.text
+    assert "lost state: withholding votes" in text and "lost state: vote withheld" in text
+    # Rate-limited: 100 ticks of refusals are a handful of lines, not one per refusal.
+    assert text.count("lost state:") < 15
+
+
+def test_voting_resumes_only_after_catch_up_and_an_election_timeout_then_above_the_floor(caplog):
+    raw = _node(lost=True)
+    assert not _ask_vote(raw, 3, 12)  # a candidate from before the loss, at term 12
+    raw.step(msg(pb.MsgHeartbeat, 2, 1, 12))  # the leader of term 12
+    _drain(raw)
+    for _ in range(30):
+        raw.tick()
+    _drain(raw)
+    assert raw.status().voting_withheld, "not caught up yet: no append from the leader"
+    _catch_up(raw, 2, 12)
+    assert raw.status().commit == 6
+    with caplog.at_level(logging.INFO, logger="t"):
+        raw.tick()
+    assert not raw.status().voting_withheld
+    assert "lost state: voting again" in caplog.text
+    assert raw.status().vote_floor == 12
+    assert not _ask_vote(raw, 3, 12, last=(6, 12))
+    assert _ask_vote(raw, 3, 13, last=(6, 12))
+
+
+def test_catch_up_alone_is_not_enough_within_the_first_election_timeout():
+    raw = _node(lost=True)
+    _catch_up(raw, 2, 6)
+    for _ in range(19):  # max election timeout is 2 * election_tick = 20 ticks
+        raw.tick()
+    assert raw.status().voting_withheld
+    raw.tick()
+    assert not raw.status().voting_withheld
+
+
+def test_after_resuming_a_campaign_starts_above_the_floor():
+    raw = _node(lost=True, pre_vote=False)
+    raw.step(msg(pb.MsgRequestPreVote, 3, 1, 20, index=5, log_term=5))  # floor 19, our term stays 6
+    _catch_up(raw, 2, 6)
+    for _ in range(20):
+        raw.tick()
+    assert not raw.status().voting_withheld
+    assert raw.status().vote_floor == 19
+    raw.campaign()
+    msgs = _drain(raw)
+    assert raw.status().term == 20
+    assert {m.term for m in msgs if m.msg_type == pb.MsgRequestVote} == {20}
