@@ -51,6 +51,10 @@ class FaultInjector:
             if live:
                 self._count("crash between steps")
                 rng.choice(live).crash("between steps")
+        if rng.random() < p.wipe_rate:
+            self.lose_state("wipe")
+        if rng.random() < p.synced_loss_rate:
+            self.lose_state("synced tail")
         for nid in sorted(self.restart_at):
             if sim.now >= self.restart_at[nid]:
                 del self.restart_at[nid]
@@ -73,6 +77,61 @@ class FaultInjector:
             net.dup_rate = rng.choice([0.0, 0.02, 0.1])
             net.max_latency = rng.choice([1, 2, 4, 8, 20])
             sim.trace("net", 0, f"drop={net.drop_rate:.2f} dup={net.dup_rate} max_latency={net.max_latency}")
+
+    # ---- lost state ----------------------------------------------------------------
+
+    def lost_nodes(self) -> set[int]:
+        return {n.id for n in self.sim.nodes.values() if n.lost_marker or n.pending_loss}
+
+    def loss_allowed(self, nid: int) -> bool:
+        """Lost state on a minority of every voter set at most: a majority that lost its
+        votes (and maybe committed entries) is beyond what any rule can repair, and with
+        the protection on it could elect nobody."""
+        lc = self.sim.checker.latest_conf
+        sets = [set(range(1, self.sim.params.n_nodes + 1))] if lc is None else [
+            set(lc[1].voters), set(lc[1].voters_outgoing)]
+        lost = self.lost_nodes() | {nid}
+        return all(len(lost & s) <= (len(s) - 1) // 2 for s in sets if s)
+
+    def lose_state(self, kind: str, node: SimNode | None = None) -> bool:
+        """A node loses durable state: a power cut first (if it runs), then its data dir
+        is wiped, or the newest synced tail of its log is damaged so that recovery cuts
+        it. Its next start (scheduled as after any crash) finds the loss."""
+        sim, rng = self.sim, self.sim.rng
+        if node is None:
+            candidates = [n for n in sim.nodes.values() if not n.decommissioned and self.loss_allowed(n.id)]
+            if not candidates:
+                return False
+            node = rng.choice(candidates)
+        elif node.decommissioned or not self.loss_allowed(node.id):
+            return False
+        if node.alive:
+            node.crash(f"power cut before {kind}")
+        if kind == "wipe" or kind == "wipe after vote":
+            had = node.had_state()
+            node.backend.wipe()
+            what = "data dir wiped" if had else "data dir wiped (it held nothing yet)"
+            if had:
+                node.pending_loss = "wipe"
+        else:
+            what = node.backend.lose_synced_tail(rng)
+            if what is None:
+                return False
+            node.pending_loss = "synced tail"
+        self._count(kind)
+        sim.trace("lose-state", node.id, what)
+        return True
+
+    def after_vote(self, node: SimNode) -> None:
+        """Right after a node granted a vote: sometimes wipe it and restart it at once, the
+        sharpest way to make it vote twice in one term if nothing stops it."""
+        sim = self.sim
+        if self.enabled and sim.rng.random() < sim.params.wipe_after_vote_rate:
+            sim.after_step.append(lambda: self._wipe_after_vote(node))
+
+    def _wipe_after_vote(self, node: SimNode) -> None:
+        if self.enabled and node.alive and self.lose_state("wipe after vote", node):
+            self.restart_at[node.id] = self.sim.now + self.sim.rng.randint(1, 4)
 
     def toggle_slow_voter(self) -> None:
         sim, rng = self.sim, self.sim.rng

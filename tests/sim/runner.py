@@ -72,6 +72,10 @@ class Params:
     campaign_rate: float = 0.0
     compact_rate: float = 0.0
     crash_all_at_end: bool = False
+    wipe_rate: float = 0.0
+    synced_loss_rate: float = 0.0
+    wipe_after_vote_rate: float = 0.0
+    fsync_shortcut: bool = False
 
     @classmethod
     def draw(cls, rng: random.Random) -> Params:
@@ -103,6 +107,11 @@ class Params:
             campaign_rate=rng.choice([0.0, 0.002]),
             compact_rate=0.01,
             crash_all_at_end=rng.random() < 0.5,
+            # Lost state (drawn last, so the draws above keep their meaning).
+            wipe_rate=rng.choice([0.0, 0.0005, 0.002]) * k,
+            synced_loss_rate=rng.choice([0.0, 0.0005, 0.002]) * k,
+            wipe_after_vote_rate=rng.choice([0.0, 0.0, 0.05, 0.3]),
+            fsync_shortcut=rng.random() < 0.75,
         )
 
 
@@ -120,17 +129,30 @@ class Result:
     messages: int = 0
 
 
-def replay_command(seed: int, storage: str) -> str:
+def replay_command(seed: int, storage: str, protect: bool = True) -> str:
     extra = "" if storage == "memory" else f" --storage {storage}"
+    if not protect:
+        extra += " --no-protect"
     return f".venv/bin/python -m tests.sim --seed {seed}{extra} -v"
 
 
 class Simulation:
-    def __init__(self, seed: int, storage: str = "memory", verbose: bool = False, workdir: str | None = None) -> None:
+    def __init__(
+        self,
+        seed: int,
+        storage: str = "memory",
+        verbose: bool = False,
+        workdir: str | None = None,
+        protect: bool = True,
+    ) -> None:
         self.seed = seed
         self.storage_kind = storage
         self.verbose = verbose
         self.workdir = workdir
+        # False: nodes that lost state vote as plain Raft would (Config.lost_state's rule
+        # refuses nothing), to show the violations the rule prevents.
+        self.protect = protect
+        self.after_step: list = []
         self.rng = random.Random(seed)
         self.params = Params.draw(self.rng)
         self.now = 0
@@ -249,6 +271,8 @@ class Simulation:
                 node.idle_sync()
         if chaos:
             self.workload.act()
+        while self.after_step:
+            self.after_step.pop(0)()
         if self.now % 16 == 0:
             self.maybe_decommission()
 
@@ -395,11 +419,13 @@ class Simulation:
 
     def _failure_text(self, what: str) -> str:
         lines = [f"seed {self.seed} ({self.storage_kind}) failed at step {self.now}: {what}",
-                 f"replay: {replay_command(self.seed, self.storage_kind)}", "last events:"]
+                 f"replay: {replay_command(self.seed, self.storage_kind, self.protect)}", "last events:"]
         lines += [f"  [{t}] {k} n{n} {text}" for t, k, n, text in list(self.recent)[-25:]]
         return "\n".join(lines)
 
 
-def run_seed(seed: int, storage: str = "memory", verbose: bool = False, workdir: str | None = None) -> Result:
+def run_seed(
+    seed: int, storage: str = "memory", verbose: bool = False, workdir: str | None = None, protect: bool = True
+) -> Result:
     """Run one seed; raises SimFailure (whose text starts with the replay command) on any failure."""
-    return Simulation(seed, storage, verbose, workdir).run()
+    return Simulation(seed, storage, verbose, workdir, protect).run()
