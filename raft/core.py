@@ -697,6 +697,10 @@ class Raft:
                 last_term=self.log.last_term(),
                 last_index=self.log.last_index(),
             )
+            if self.term == 0:
+                # Only a node that started from an empty store (and lost state, or has no
+                # log yet) can refuse at term 0; a response needs a term: stay silent.
+                return
             commit, commit_term = self.log.commit_info()
             self.send(
                 pb.Message(
