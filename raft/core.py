@@ -740,22 +740,28 @@ class Raft:
     # ---- lost state (docs/internals.md, "Lost state") -------------------------------
     #
     # A node started with Config.lost_state may have voted, before the loss, in a term
-    # it no longer remembers. Until it follows a leader that caught it up, and a full
-    # election timeout has passed, it grants no vote or pre-vote and does not campaign
-    # (its own vote counts too); every term it hears meanwhile raises `vote_floor`.
-    # Afterwards it votes (and campaigns) only in terms above the floor.
+    # it no longer remembers. It grants no vote or pre-vote and does not campaign (its
+    # own vote counts too) until it follows a leader whose election it witnessed (it got
+    # that leader's vote request for its term after the restart, and refused it) and that
+    # leader has caught it up; every term it hears meanwhile raises `vote_floor`.
+    # Afterwards it votes (and campaigns) only in terms above the floor. A leader elected
+    # before the restart is asked to hand over (MsgTransferLeader), so that a witnessed
+    # election happens without waiting for the next failure.
 
     def _init_lost_state(self, config: Config) -> None:
         self.lost_state = config.lost_state
         self.withholding_votes = config.lost_state
         self.vote_floor = max(self.term, self.log.last_term()) if config.lost_state else 0
-        self._lost_ticks = 0  # ticks since the start, while withholding
+        self._lost_ticks = 0  # ticks since the start
         self._lost_target: tuple[int, int] | None = None  # (term, leader commit) to catch up to
+        self._witnessed: dict[int, int] = {}  # candidate -> highest term of a vote request it sent us
+        self._handover_at = 0  # ticks of the last handover request
+        self._handovers = 0
         self._withheld = 0  # votes and campaigns refused since the last log line
         self._withheld_logged_at = -(1 << 30)
         if config.lost_state:
             self._warn(
-                "lost state: withholding votes until a leader has caught this node up",
+                "lost state: withholding votes until this node has seen a leader elected and been caught up by it",
                 term=self.term,
                 vote_floor=self.vote_floor,
                 last_index=self.log.last_index(),
@@ -763,12 +769,16 @@ class Raft:
 
     def _note_term_while_withholding(self, m: pb.Message) -> None:
         t = m.msg_type
+        frm = getattr(m, "from")
         # A pre-vote request (or a granted pre-vote answer) names the sender's next term;
         # its sender is one below it. Any other message carries its sender's term.
         term = m.term - 1 if t == MsgRequestPreVote or (t == MsgRequestPreVoteResponse and not m.reject) else m.term
         if term > self.vote_floor:
             self.vote_floor = term
-        if t == MsgAppend and m.term >= self.term:
+        if t == MsgRequestVote:
+            if m.term > self._witnessed.get(frm, 0):
+                self._witnessed[frm] = m.term
+        elif t == MsgAppend and m.term >= self.term:
             # The leader's commit index when it first reached us in its term: once our
             # log commits that far, the leader has caught us up (our log matches its).
             if self._lost_target is None or self._lost_target[0] != m.term:
@@ -777,16 +787,17 @@ class Raft:
     def _lost_state_tick(self) -> None:
         self._lost_ticks += 1
         target = self._lost_target
-        if (
+        caught_up = (
             self.withholding_votes
-            and self._lost_ticks >= self.max_election_timeout
             and self.state == StateRole.Follower
             and self.leader_id != INVALID_ID
             and target is not None
             and target[0] == self.term
             and self.log.committed >= target[1]
-        ):
+        )
+        if caught_up and self._witnessed.get(self.leader_id) == self.term:
             self.withholding_votes = False
+            self._witnessed.clear()
             self._info(
                 "lost state: voting again, only in terms above the vote floor",
                 vote_floor=self.vote_floor,
@@ -796,8 +807,28 @@ class Raft:
                 refused=self._withheld,
             )
             self._withheld = 0
-        elif self._withheld and self._lost_ticks - self._withheld_logged_at >= self.election_timeout:
+            return
+        if caught_up and self._lost_ticks - self._handover_at >= self.election_timeout:
+            self._ask_leader_to_hand_over()
+        if self._withheld and self._lost_ticks - self._withheld_logged_at >= self.election_timeout:
             self._log_withheld("votes refused" if self.withholding_votes else "votes refused at or below the vote floor", None)
+
+    def _ask_leader_to_hand_over(self) -> None:
+        """We follow a leader whose election we did not see: it may date from before the
+        loss. Ask it to transfer leadership to another voter (as a follower forwards a
+        transfer request), one candidate after another, once per election timeout."""
+        self._handover_at = self._lost_ticks
+        voters = self.prs.conf.voter_ids()
+        others = sorted(v for v in voters if v not in (self.id, self.leader_id))
+        if self.id not in voters or not others:
+            return  # a learner is never asked for a vote; a lone voter has nobody to hand to
+        transferee = others[self._handovers % len(others)]
+        self._handovers += 1
+        self._info("lost state: asking the leader to hand over, to see an election", leader=self.leader_id,
+                   to=transferee, term=self.term)
+        m = pb.Message(msg_type=MsgTransferLeader, to=self.leader_id)
+        setattr(m, "from", transferee)
+        self.send(m)
 
     def _log_withheld(self, what: str, m: pb.Message | None) -> None:
         """Rate-limited: the first refusal, then a summary at most once per election timeout."""

@@ -81,42 +81,56 @@ def test_a_lost_state_node_refuses_votes_and_pre_votes_and_does_not_campaign(cap
     assert text.count("lost state:") < 15
 
 
-def test_voting_resumes_only_after_catch_up_and_an_election_timeout_then_above_the_floor(caplog):
+def test_voting_resumes_after_a_witnessed_election_and_catch_up_then_only_above_the_floor(caplog):
     raw = _node(lost=True)
     assert not _ask_vote(raw, 3, 12)  # a candidate from before the loss, at term 12
-    raw.step(msg(pb.MsgHeartbeat, 2, 1, 12))  # the leader of term 12
+    assert not _ask_vote(raw, 2, 13)  # node 2 campaigns for 13 after our restart: we see it
+    raw.step(msg(pb.MsgHeartbeat, 2, 1, 13))  # ... and wins
     _drain(raw)
     for _ in range(30):
         raw.tick()
     _drain(raw)
     assert raw.status().voting_withheld, "not caught up yet: no append from the leader"
-    _catch_up(raw, 2, 12)
+    _catch_up(raw, 2, 13)
     assert raw.status().commit == 6
     with caplog.at_level(logging.INFO, logger="t"):
         raw.tick()
     assert not raw.status().voting_withheld
     assert "lost state: voting again" in caplog.text
-    assert raw.status().vote_floor == 12
-    assert not _ask_vote(raw, 3, 12, last=(6, 12))
-    assert _ask_vote(raw, 3, 13, last=(6, 12))
+    assert raw.status().vote_floor == 13
+    assert not _ask_vote(raw, 3, 13, last=(6, 13))
+    assert _ask_vote(raw, 3, 14, last=(6, 13))
 
 
-def test_catch_up_alone_is_not_enough_within_the_first_election_timeout():
+def test_a_leader_elected_before_the_restart_is_asked_to_hand_over():
+    """Caught up by a leader whose election it did not see (it may date from before the
+    loss, when this node's lost vote may have elected someone else in a higher term), the
+    node keeps withholding and asks the leader, once per election timeout, to transfer
+    leadership to another voter: the election that follows is one it sees."""
     raw = _node(lost=True)
     _catch_up(raw, 2, 6)
-    for _ in range(19):  # max election timeout is 2 * election_tick = 20 ticks
+    transfers = []
+    for _ in range(25):
         raw.tick()
+        transfers += [m for m in _drain(raw) if m.msg_type == pb.MsgTransferLeader]
     assert raw.status().voting_withheld
+    assert [(m.to, getattr(m, "from"), m.term) for m in transfers] == [(2, 3, 6), (2, 3, 6)]
+    assert not _ask_vote(raw, 3, 7)  # node 3 campaigns (the transfer), we refuse but see it
+    e = pb.Entry(index=7, term=7)
+    raw.step(msg(pb.MsgAppend, 3, 1, 7, index=6, log_term=6, commit=7, entries=[e]))
+    _drain(raw)
     raw.tick()
     assert not raw.status().voting_withheld
+    assert raw.status().vote_floor == 7
 
 
 def test_after_resuming_a_campaign_starts_above_the_floor():
     raw = _node(lost=True, pre_vote=False)
-    raw.step(msg(pb.MsgRequestPreVote, 3, 1, 20, index=5, log_term=5))  # floor 19, our term stays 6
+    raw.step(msg(pb.MsgRequestPreVote, 3, 1, 20, index=5, log_term=5))  # floor 19, our term stays 5
+    assert _vote_answers(raw, _drain(raw)) == [False]
+    assert not _ask_vote(raw, 2, 6)
     _catch_up(raw, 2, 6)
-    for _ in range(20):
-        raw.tick()
+    raw.tick()
     assert not raw.status().voting_withheld
     assert raw.status().vote_floor == 19
     raw.campaign()

@@ -373,12 +373,12 @@ class SimNode:
     def _after_ready(self) -> None:
         """Checks that need the whole Ready persisted: leader completeness."""
         if self.lost_marker:
-            st = self.raw.status()
-            if not st.voting_withheld and self.durable_hs.term > st.vote_floor:
+            r = self.raw.raft  # status() fields voting_withheld / vote_floor, without building a Status
+            if not r.withholding_votes and self.durable_hs.term > r.vote_floor:
                 self.lost_marker = False
                 self.sim.faults._count("lost state settled")
                 self.sim.trace("lost-state", self.id, f"votes again; durable term {self.durable_hs.term} "
-                               f"> vote floor {st.vote_floor}: marker dropped")
+                               f"> vote floor {r.vote_floor}: marker dropped")
         if self.role_term[0]:
             term = self.role_term[1]
             st = self.backend.storage

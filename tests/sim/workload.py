@@ -88,7 +88,7 @@ class Workload:
         leader = sim.leader()
         if leader is None:
             return
-        if sim.faults.lost_nodes():
+        if sim.faults.lost_nodes() & (set(leader.conf_state.voters) | set(leader.conf_state.voters_outgoing)):
             # A change could leave the nodes that lost state a majority of the new voters
             # (then nobody could be elected): the operator waits until they vote again.
             self._count("cc deferred (lost state)")
