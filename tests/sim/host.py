@@ -168,10 +168,11 @@ class SimNode:
         if self.lost_marker and not self.sim.protect:
             # Protection switched off (to show what it prevents): the rule's bookkeeping
             # runs, so the fault budget still sees when the node would vote again, but it
-            # refuses nothing.
+            # refuses nothing and asks no leader to hand over: plain Raft.
             r = self.raw.raft
             r._vote_withheld = lambda m: False
             r._may_campaign_after_loss = lambda: True
+            r._ask_leader_to_hand_over = lambda: None
         self.alive = True
         self.incarnation += 1
         self.role_term = (0, 0)
