@@ -4,7 +4,11 @@ Network shapes (isolation, bipartitions, bridges, one-way cuts, random link
 sets, a leader that can hear but not speak), loss/duplication rates, stale
 redelivery, crashes between steps and at any boundary inside the host's Ready
 loop, restarts, pauses and slow voters (high link latency plus a slow disk
-that defers Readies). It mutates the network and the nodes; it checks nothing.
+that defers Readies). Every crash is a power cut: what was not synced is lost
+(with the fsync shortcut, a commit-only hard state too). Lost state
+(docs/internals.md, "Lost state"): a wipe of the data dir, a damaged synced WAL
+tail that recovery cuts, a wipe right after a vote; on a minority of each voter
+set at a time. It mutates the network and the nodes; it checks nothing.
 """
 
 from __future__ import annotations
