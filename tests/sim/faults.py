@@ -91,9 +91,14 @@ class FaultInjector:
         """Lost state on a minority of every voter set at most: a majority that lost its
         votes (and maybe committed entries) is beyond what any rule can repair, and with
         the protection on it could elect nobody."""
-        lc = self.sim.checker.latest_conf
-        sets = [set(range(1, self.sim.params.n_nodes + 1))] if lc is None else [
-            set(lc[1].voters), set(lc[1].voters_outgoing)]
+        # Every voter set a node may elect with: the newest committed one and each node's
+        # own applied one (a node that has not applied a change still counts the old set).
+        sim = self.sim
+        lc = sim.checker.latest_conf
+        confs = [n.conf_state for n in sim.nodes.values() if not n.decommissioned] + ([lc[1]] if lc else [])
+        sets = [set(cs.voters) for cs in confs] + [set(cs.voters_outgoing) for cs in confs]
+        if lc is None:
+            sets.append(set(range(1, sim.params.n_nodes + 1)))
         lost = self.lost_nodes() | {nid}
         return all(len(lost & s) <= (len(s) - 1) // 2 for s in sets if s)
 
