@@ -43,13 +43,14 @@ def _run_one(args: tuple[int, str]) -> tuple[int, Result | str]:
 
 @functools.cache
 def _results(storage: str) -> dict[int, Result | str]:
-    """Every seed of a storage kind runs once per session, JOBS at a time; the chunk
-    tests and the coverage test below read the outcomes."""
+    """Every seed of a storage kind runs once per session, JOBS at a time (spawned
+    workers: this pytest process may hold threads of other tests, which fork does not
+    mix well with); the chunk tests and the coverage test below read the outcomes."""
     seeds = MEMORY_SEEDS if storage == "memory" else DISK_SEEDS
     work = [(seed, storage) for seed in seeds]
     if JOBS <= 1:
         return dict(map(_run_one, work))
-    with multiprocessing.get_context("fork").Pool(JOBS) as pool:
+    with multiprocessing.get_context("spawn").Pool(JOBS) as pool:
         return dict(pool.imap_unordered(_run_one, work, chunksize=2))
 
 
