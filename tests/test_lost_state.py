@@ -137,3 +137,17 @@ def test_after_resuming_a_campaign_starts_above_the_floor():
     msgs = _drain(raw)
     assert raw.status().term == 20
     assert {m.term for m in msgs if m.msg_type == pb.MsgRequestVote} == {20}
+
+
+def test_a_wiped_node_at_term_0_refuses_a_pre_vote_silently():
+    """Regression (sim seed 22 before the fix): a node started from an empty store with
+    lost_state refused a pre-vote at term 0 and the core raised 'term should be set when
+    sending MsgRequestPreVoteResponse'. A refusal without a term is no answer at all."""
+    from raft import MemoryStorage
+
+    cfg = Config(id=4, election_tick=10, heartbeat_tick=1, pre_vote=True, lost_state=True)
+    raw = RawNode(cfg, MemoryStorage(), rng=random.Random(1), logger=logging.getLogger("t"))
+    raw.step(msg(pb.MsgRequestPreVote, 2, 4, 7, index=9, log_term=6))
+    assert raw.status().term == 0
+    assert not [m for m in _drain(raw) if m.msg_type == pb.MsgRequestPreVoteResponse]
+    assert raw.status().vote_floor == 6
