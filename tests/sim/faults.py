@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .checkers import conf_key
+
 if TYPE_CHECKING:
     from .host import SimNode
     from .runner import Simulation
@@ -94,8 +96,13 @@ class FaultInjector:
         # Every voter set a node may elect with: the newest committed one and each node's
         # own applied one (a node that has not applied a change still counts the old set).
         sim = self.sim
+        leader = sim.leader()
+        if leader is not None and leader.raw.raft.pending_conf_index > leader.applied:
+            return False  # a change in flight may make a lost node a voter (seed 2380)
         lc = sim.checker.latest_conf
         confs = [n.conf_state for n in sim.nodes.values() if not n.decommissioned] + ([lc[1]] if lc else [])
+        if len({conf_key(cs) for cs in confs if cs.voters}) > 1:
+            return False  # not every node applied the newest change yet
         sets = [set(cs.voters) for cs in confs] + [set(cs.voters_outgoing) for cs in confs]
         if lc is None:
             sets.append(set(range(1, sim.params.n_nodes + 1)))

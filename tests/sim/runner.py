@@ -328,6 +328,13 @@ class Simulation:
             (self.nodes[m].applied for m in self.members() if m in self.nodes), default=0
         )
         heal_ticks = p.heal_ticks + 4 * max(lag, 0)
+        if any(n.alive and n.raw.raft.withholding_votes for n in self.nodes.values()):
+            # Nodes that lost state count for no election until they see one: for the
+            # first election a withholding minority is a minority down, and a bare
+            # majority where only the longest log can win may need many split rounds
+            # (seed 2270: 3 of 7 withholding, ~330 ticks).
+            heal_ticks += 2 * p.heal_ticks
+            self.faults._count("heal with votes withheld")
         limit = heal_ticks * p.tick_every
         start = self.now
         proposed: list[bytes] = []
