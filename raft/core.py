@@ -600,6 +600,8 @@ class Raft:
         mt = m.term
         if self.withholding_votes and mt:
             self._note_term_while_withholding(m)
+        if self.lost_state and t in (MsgAppend, MsgHeartbeat) and mt >= self.term:
+            m = self._lost_state_commit_guard(m)
         if mt == self.term or mt == 0:
             pass  # the current term (the common case), or a local message
         elif mt > self.term:
@@ -755,6 +757,7 @@ class Raft:
         self._lost_ticks = 0  # ticks since the start
         self._lost_target: tuple[int, int] | None = None  # (term, leader commit) to catch up to
         self._witnessed: dict[int, int] = {}  # candidate -> highest term of a vote request it sent us
+        self._verified: tuple[int, int] = (0, 0)  # (term, index): an append of that term matched our log to there
         self._handover_at = 0  # ticks of the last handover request
         self._handovers = 0
         self._withheld = 0  # votes and campaigns refused since the last log line
@@ -812,6 +815,26 @@ class Raft:
             self._ask_leader_to_hand_over()
         if self._withheld and self._lost_ticks - self._withheld_logged_at >= self.election_timeout:
             self._log_withheld("votes refused" if self.withholding_votes else "votes refused at or below the vote floor", None)
+
+    def _lost_state_commit_guard(self, m: pb.Message) -> pb.Message:
+        """A heartbeat's commit is min(the leader's match for us, its commit): it trusts
+        that we still hold every entry we acknowledged. After a loss we may hold other,
+        older entries at those indexes (a lost truncation), so a heartbeat may move our
+        commit only as far as an append of the leader's term has matched our log
+        (sim seed 2435: a follower committed a stale entry from a heartbeat)."""
+        if m.msg_type == MsgAppend:
+            if m.index >= self.log.committed and self.log.match_term(m.index, m.log_term):
+                end = m.index + len(m.entries)
+                if self._verified[0] != m.term or end > self._verified[1]:
+                    self._verified = (m.term, end)
+            return m
+        limit = self._verified[1] if self._verified[0] == m.term else 0
+        if m.commit <= max(limit, self.log.committed):
+            return m
+        c = pb.Message()
+        c.CopyFrom(m)
+        c.commit = max(limit, self.log.committed)
+        return c
 
     def _ask_leader_to_hand_over(self) -> None:
         """We follow a leader whose election we did not see: it may date from before the

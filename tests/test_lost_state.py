@@ -151,3 +151,24 @@ def test_a_wiped_node_at_term_0_refuses_a_pre_vote_silently():
     assert raw.status().term == 0
     assert not [m for m in _drain(raw) if m.msg_type == pb.MsgRequestPreVoteResponse]
     assert raw.status().vote_floor == 6
+
+
+def test_a_heartbeat_commits_only_what_an_append_of_its_term_matched():
+    """Regression (sim seed 2435: state-machine safety broken). After losing a synced
+    tail a node may hold an older entry where it had acknowledged the leader's: the
+    leader's heartbeat commit (min of its stale match for us and its commit) would commit
+    that stale entry. A lost-state node moves its commit from a heartbeat only as far as
+    an append of the leader's term matched its log."""
+    raw = _node(lost=True)
+    raw.raft.storage.append([pb.Entry(index=6, term=5, data=b"stale")])  # what survived the loss
+    raw.step(msg(pb.MsgHeartbeat, 2, 1, 7, commit=6))
+    _drain(raw)
+    assert raw.status().commit == 5, "committed an entry no append of term 7 vouched for"
+    e = pb.Entry(index=6, term=7, data=b"leader's")
+    raw.step(msg(pb.MsgAppend, 2, 1, 7, index=5, log_term=5, commit=6, entries=[e]))
+    _drain(raw)
+    assert raw.status().commit == 6
+    assert raw.raft.storage.entries(6, 7)[0].data == b"leader's"
+    raw.step(msg(pb.MsgHeartbeat, 2, 1, 7, commit=6))
+    _drain(raw)
+    assert raw.status().commit == 6
