@@ -159,8 +159,12 @@ def test_a_heartbeat_commits_only_what_an_append_of_its_term_matched():
     leader's heartbeat commit (min of its stale match for us and its commit) would commit
     that stale entry. A lost-state node moves its commit from a heartbeat only as far as
     an append of the leader's term matched its log."""
-    raw = _node(lost=True)
-    raw.raft.storage.append([pb.Entry(index=6, term=5, data=b"stale")])  # what survived the loss
+    storage = bootstrapped_storage([1, 2, 3])
+    storage.append([pb.Entry(index=6, term=5, data=b"stale")])  # what survived the loss
+    storage.set_hardstate(pb.HardState(term=5, commit=5))
+    cfg = Config(id=1, election_tick=10, heartbeat_tick=1, lost_state=True)
+    raw = RawNode(cfg, storage, rng=random.Random(1), logger=logging.getLogger("t"))
+    raw.test_storage = storage
     raw.step(msg(pb.MsgHeartbeat, 2, 1, 7, commit=6))
     _drain(raw)
     assert raw.status().commit == 5, "committed an entry no append of term 7 vouched for"
