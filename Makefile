@@ -113,10 +113,16 @@ image:
 		-t $(or $(IMAGE),citacloud/consensus_raft:py) .
 
 # randomized Raft simulation soak (not in CI): SEEDS seeds from START on STORAGE
-# (memory|disk) with JOBS processes; a failure prints the command that replays it
+# (memory|disk) with JOBS processes, every fault included (lost state: wipes, damaged
+# synced WAL tails, wipes right after a vote; the fsync shortcut); then, unless
+# DISK_SEEDS=0, DISK_SEEDS (default 500) seeds on DiskStorage, whose lost-state faults
+# damage real WAL files. A failure prints the command that replays it. NO_PROTECT=1 runs
+# nodes that lost state without the vote rule (expect failures: docs/internals.md).
 .PHONY: soak
 soak: setup
-	$(PY) -m tests.sim --soak $(or $(SEEDS),10000) --start $(or $(START),0) --storage $(or $(STORAGE),memory) --jobs $(or $(JOBS),2)
+	$(PY) -m tests.sim --soak $(or $(SEEDS),10000) --start $(or $(START),0) --storage $(or $(STORAGE),memory) --jobs $(or $(JOBS),2) $(if $(NO_PROTECT),--no-protect)
+	@if [ "$(or $(DISK_SEEDS),500)" != 0 ] && [ "$(or $(STORAGE),memory)" = memory ]; then \
+		$(PY) -m tests.sim --soak $(or $(DISK_SEEDS),500) --start 100000 --storage disk --jobs $(or $(JOBS),2) $(if $(NO_PROTECT),--no-protect); fi
 
 # interop soak (not in CI): the randomized mixed etcd/Python cluster test with
 # SEEDS seeds x STEPS router rounds per layout

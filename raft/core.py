@@ -234,6 +234,7 @@ class Raft:
             self.log.applied_to(min(config.applied, self.log.committed))
             self.log.applying = max(self.log.applying, self.log.applied)
         self.become_follower(self.term, INVALID_ID)
+        self._init_lost_state(config)
         self._info(
             "newRaft",
             term=self.term,
@@ -559,6 +560,8 @@ class Raft:
     # ---- ticks --------------------------------------------------------------------
 
     def tick(self) -> None:
+        if self.lost_state:
+            self._lost_state_tick()
         if self.state == StateRole.Leader:
             self.tick_heartbeat()
         else:
@@ -604,6 +607,8 @@ class Raft:
                 applied=self.log.applied,
                 committed=self.log.committed,
             )
+            return
+        if self.lost_state and not self._may_campaign_after_loss():
             return
         self._info("starting a new election", term=self.term)
         if transfer_leader:
@@ -682,6 +687,10 @@ class Raft:
             return
         t = m.msg_type
         mt = m.term
+        if self.withholding_votes and mt:
+            self._note_term_while_withholding(m)
+        if self.lost_state and t in (MsgAppend, MsgHeartbeat) and mt >= self.term:
+            m = self._lost_state_commit_guard(m)
         if mt == self.term or mt == 0:
             pass  # the current term (the common case), or a local message
         elif mt > self.term:
@@ -773,6 +782,8 @@ class Raft:
             or (self.vote == INVALID_ID and self.leader_id == INVALID_ID)
             or (t == MsgRequestPreVote and m.term > self.term)
         )
+        if can_vote and self.lost_state and self._vote_withheld(m):
+            can_vote = False
         if can_vote and self.log.is_up_to_date(m.index, m.log_term):
             self._info(
                 "cast vote",
@@ -800,6 +811,10 @@ class Raft:
                 last_term=self.log.last_term(),
                 last_index=self.log.last_index(),
             )
+            if self.term == 0:
+                # Only a node that started from an empty store (and lost state, or has no
+                # log yet) can refuse at term 0; a response needs a term: stay silent.
+                return
             commit, commit_term = self.log.commit_info()
             self.send(
                 pb.Message(
@@ -835,6 +850,154 @@ class Raft:
             ents = []
         if any(e.entry_type != pb.EntryNormal for e in ents):
             self.become_follower(self.term, INVALID_ID)
+
+    # ---- lost state (docs/internals.md, "Lost state") -------------------------------
+    #
+    # A node started with Config.lost_state may have voted, before the loss, in a term
+    # it no longer remembers. It grants no vote or pre-vote and does not campaign (its
+    # own vote counts too) until it follows a leader whose election it witnessed (it got
+    # that leader's vote request for its term after the restart, and refused it) and that
+    # leader has caught it up; every term it hears meanwhile raises `vote_floor`.
+    # Afterwards it votes (and campaigns) only in terms above the floor. A leader elected
+    # before the restart is asked to hand over (MsgTransferLeader), so that a witnessed
+    # election happens without waiting for the next failure.
+
+    def _init_lost_state(self, config: Config) -> None:
+        self.lost_state = config.lost_state
+        self.withholding_votes = config.lost_state
+        self.vote_floor = max(self.term, self.log.last_term()) if config.lost_state else 0
+        self._lost_ticks = 0  # ticks since the start
+        self._lost_target: tuple[int, int] | None = None  # (term, leader commit) to catch up to
+        self._witnessed: dict[int, int] = {}  # candidate -> highest term of a vote request it sent us
+        self._verified: tuple[int, int] = (0, 0)  # (term, index): an append of that term matched our log to there
+        self._handover_at = 0  # ticks of the last handover request
+        self._handovers = 0
+        self._withheld = 0  # votes and campaigns refused since the last log line
+        self._withheld_logged_at = -(1 << 30)
+        if config.lost_state:
+            self._warn(
+                "lost state: withholding votes until this node has seen a leader elected and been caught up by it",
+                term=self.term,
+                vote_floor=self.vote_floor,
+                last_index=self.log.last_index(),
+            )
+
+    def _note_term_while_withholding(self, m: pb.Message) -> None:
+        t = m.msg_type
+        frm = getattr(m, "from")
+        # A pre-vote request (or a granted pre-vote answer) names the sender's next term;
+        # its sender is one below it. Any other message carries its sender's term.
+        term = m.term - 1 if t == MsgRequestPreVote or (t == MsgRequestPreVoteResponse and not m.reject) else m.term
+        if term > self.vote_floor:
+            self.vote_floor = term
+        if t == MsgRequestVote:
+            if m.term > self._witnessed.get(frm, 0):
+                self._witnessed[frm] = m.term
+        elif t == MsgAppend and m.term >= self.term:
+            # The leader's commit index when it first reached us in its term: once our
+            # log commits that far, the leader has caught us up (our log matches its).
+            if self._lost_target is None or self._lost_target[0] != m.term:
+                self._lost_target = (m.term, m.commit)
+
+    def _lost_state_tick(self) -> None:
+        self._lost_ticks += 1
+        target = self._lost_target
+        caught_up = (
+            self.withholding_votes
+            and self.state == StateRole.Follower
+            and self.leader_id != INVALID_ID
+            and target is not None
+            and target[0] == self.term
+            and self.log.committed >= target[1]
+        )
+        if caught_up and self._witnessed.get(self.leader_id) == self.term:
+            self.withholding_votes = False
+            self._witnessed.clear()
+            self._info(
+                "lost state: voting again, only in terms above the vote floor",
+                vote_floor=self.vote_floor,
+                term=self.term,
+                leader=self.leader_id,
+                commit=self.log.committed,
+                refused=self._withheld,
+            )
+            self._withheld = 0
+            return
+        if caught_up and self._lost_ticks - self._handover_at >= self.election_timeout:
+            self._ask_leader_to_hand_over()
+        if self._withheld and self._lost_ticks - self._withheld_logged_at >= self.election_timeout:
+            self._log_withheld("votes refused" if self.withholding_votes else "votes refused at or below the vote floor", None)
+
+    def _lost_state_commit_guard(self, m: pb.Message) -> pb.Message:
+        """A heartbeat's commit is min(the leader's match for us, its commit): it trusts
+        that we still hold every entry we acknowledged. After a loss we may hold other,
+        older entries at those indexes (a lost truncation), so a heartbeat may move our
+        commit only as far as an append of the leader's term has matched our log
+        (sim seed 2435: a follower committed a stale entry from a heartbeat)."""
+        if m.msg_type == MsgAppend:
+            if m.index >= self.log.committed and self.log.match_term(m.index, m.log_term):
+                end = m.index + len(m.entries)
+                if self._verified[0] != m.term or end > self._verified[1]:
+                    self._verified = (m.term, end)
+            return m
+        limit = self._verified[1] if self._verified[0] == m.term else 0
+        if m.commit <= max(limit, self.log.committed):
+            return m
+        c = pb.Message()
+        c.CopyFrom(m)
+        c.commit = max(limit, self.log.committed)
+        return c
+
+    def _ask_leader_to_hand_over(self) -> None:
+        """We follow a leader whose election we did not see: it may date from before the
+        loss. Ask it to transfer leadership to another voter (as a follower forwards a
+        transfer request), one candidate after another, once per election timeout."""
+        self._handover_at = self._lost_ticks
+        voters = self.prs.conf.voter_ids()
+        others = sorted(v for v in voters if v not in (self.id, self.leader_id))
+        if self.id not in voters or not others:
+            return  # a learner is never asked for a vote; a lone voter has nobody to hand to
+        transferee = others[self._handovers % len(others)]
+        self._handovers += 1
+        self._info("lost state: asking the leader to hand over, to see an election", leader=self.leader_id,
+                   to=transferee, term=self.term)
+        m = pb.Message(msg_type=MsgTransferLeader, to=self.leader_id)
+        setattr(m, "from", transferee)
+        self.send(m)
+
+    def _log_withheld(self, what: str, m: pb.Message | None) -> None:
+        """Rate-limited: the first refusal, then a summary at most once per election timeout."""
+        kv: dict[str, object] = {"term": self.term, "vote_floor": self.vote_floor, "refused": self._withheld}
+        if m is not None:
+            kv.update(msg=msg_name(m.msg_type), candidate=getattr(m, "from"), msg_term=m.term)
+        if self.withholding_votes:
+            target = self._lost_target
+            kv.update(leader=self.leader_id, commit=self.log.committed, catch_up_to=target[1] if target else None)
+        self._warn(f"lost state: {what}", **kv)
+        self._withheld_logged_at = self._lost_ticks
+        self._withheld = 0
+
+    def _vote_withheld(self, m: pb.Message) -> bool:
+        """True if the lost-state rule refuses this vote or pre-vote request. A pre-vote
+        binds nothing, but granting it would predict a vote we would refuse."""
+        if not (self.withholding_votes or m.term <= self.vote_floor):
+            return False
+        self._withheld += 1
+        if self._lost_ticks - self._withheld_logged_at >= self.election_timeout:
+            self._log_withheld("vote withheld", m)
+        return True
+
+    def _may_campaign_after_loss(self) -> bool:
+        if self.withholding_votes:
+            self._withheld += 1
+            if self._lost_ticks - self._withheld_logged_at >= self.election_timeout:
+                self._log_withheld("not campaigning (no vote, not even our own)", None)
+            return False
+        if self.term < self.vote_floor:
+            # Our next term must lie above the floor: we may have voted for someone else
+            # in any term up to it. Adopting a higher term is always allowed (§5.1).
+            self.become_follower(self.vote_floor, INVALID_ID)
+        return True
 
     # ---- leader -------------------------------------------------------------------
 

@@ -102,6 +102,11 @@ class Status:
     last_index: int
     persisted: int = 0
     lead_transferee: int = 0
+    # Config.lost_state (docs/internals.md, "Lost state"): votes withheld until caught up,
+    # then none in terms <= vote_floor. The host may drop its lost-state marker once
+    # voting_withheld is False and a hard state with term > vote_floor is durable.
+    voting_withheld: bool = False
+    vote_floor: int = 0
 
 
 def _check_hard_state(prev: tuple[int, int, int], new: tuple[int, int, int]) -> None:
@@ -321,6 +326,8 @@ class RawNode:
             last_index=r.log.last_index(),
             persisted=r.log.persisted,
             lead_transferee=r.lead_transferee,
+            voting_withheld=r.withholding_votes,
+            vote_floor=r.vote_floor,
         )
 
 

@@ -1,46 +1,68 @@
 """CI share of the randomized Raft simulation (tests/sim): 300 seeds on
-MemoryStorage and 20 on DiskStorage, plus checks that the harness itself can
-fail (a host that sends acks before fsync, a disk that forgets synced data,
-checkers fed impossible histories) and replays a seed exactly.
+MemoryStorage and 20 on DiskStorage, every one with the lost-state faults
+(wipe, a damaged synced WAL tail that recovery cuts, a wipe right after a vote)
+and the service's fsync shortcut drawn from its seed, plus checks that the
+harness itself can fail (a host that sends acks before fsync, a disk that forgets
+synced data, checkers fed impossible histories, nodes that lost state voting
+without Config.lost_state's rule) and replays a seed exactly.
 
-A failing seed prints the one-line command that replays it with a trace.
-`make soak` runs 10,000 seeds.
+The seeds run in a pool of SIM_JOBS processes (default 2). A failing seed prints
+the one-line command that replays it with a trace. `make soak` runs 10,000 seeds.
 """
 
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import os
 import re
+import tempfile
 
 import pytest
 
 from cita_raft_pb import eraftpb_pb2 as pb
-from tests.sim import SimFailure, run_seed
+from tests.sim import Result, SimFailure, run_seed
 from tests.sim.checkers import Checker, InvariantViolation
 from tests.sim.host import SimNode
-from tests.sim.stores import MemoryBackend
+from tests.sim.stores import MemoryBackend, scratch_dir
 
 MEMORY_SEEDS = range(0, 300)
 DISK_SEEDS = range(100_000, 100_020)
 CHUNK = 25
+JOBS = int(os.environ.get("SIM_JOBS", "2"))
+
+
+def _run_one(args: tuple[int, str]) -> tuple[int, Result | str]:
+    seed, storage = args
+    try:
+        with tempfile.TemporaryDirectory(prefix="sim-", dir=scratch_dir()) as workdir:
+            return seed, run_seed(seed, storage, workdir=workdir)  # DiskStorage dirs on tmpfs when there is one
+    except SimFailure as e:
+        return seed, str(e)
 
 
 @functools.cache
-def _memory_result(seed: int):
-    """Each memory seed runs once per session; the coverage test below reuses the runs."""
-    return run_seed(seed)
+def _results(storage: str) -> dict[int, Result | str]:
+    """Every seed of a storage kind runs once per session, JOBS at a time (spawned
+    workers: this pytest process may hold threads of other tests, which fork does not
+    mix well with); the chunk tests and the coverage test below read the outcomes."""
+    seeds = MEMORY_SEEDS if storage == "memory" else DISK_SEEDS
+    work = [(seed, storage) for seed in seeds]
+    if JOBS <= 1:
+        return dict(map(_run_one, work))
+    with multiprocessing.get_context("spawn").Pool(JOBS) as pool:
+        return dict(pool.imap_unordered(_run_one, work, chunksize=2))
 
 
-def _run_chunk(seeds: range | list[int], storage: str) -> None:
-    failures = []
-    for seed in seeds:
-        try:
-            if storage == "memory":
-                _memory_result(seed)
-            else:
-                run_seed(seed, storage)  # DiskStorage dirs on tmpfs when there is one
-        except SimFailure as e:
-            failures.append(str(e))
+def _memory_result(seed: int) -> Result:
+    r = _results("memory")[seed]
+    assert isinstance(r, Result), r
+    return r
+
+
+def _run_chunk(seeds: range, storage: str) -> None:
+    outcomes = _results(storage)
+    failures = [outcomes[seed] for seed in seeds if isinstance(outcomes[seed], str)]
     assert not failures, f"{len(failures)} seed(s) failed:\n\n" + "\n\n".join(failures)
 
 
@@ -71,7 +93,9 @@ def test_runs_exercise_the_faults_they_claim():
             seen[k] = seen.get(k, 0) + v
     boundaries = ["ready taken", "messages sent", "written, not synced", "synced", "persisted messages sent",
                   "committed entries handed out", "advanced"]
-    for kind in [f"crash@{b}" for b in boundaries] + [
+    lost_state = ["wipe", "synced tail", "wipe after vote", "lost state settled", "commit-only ready not synced",
+                  "power cut lost unsynced writes", "power cut lost a commit-only hard state"]
+    for kind in [f"crash@{b}" for b in boundaries] + lost_state + [
                  "crash between steps", "restart", "pause", "slow voter", "stale redelivery", "cc leave joint",
                  "cc add_learner", "cc demote_voter",
                  "net isolate", "net bipartition", "net bridge", "net oneway_in", "net oneway_out",
@@ -80,7 +104,46 @@ def test_runs_exercise_the_faults_they_claim():
         assert seen.get(kind, 0) > 0, f"no '{kind}' in 40 seeds: {sorted(seen)}"
 
 
+def test_disk_runs_damage_real_wal_files():
+    """The disk seeds' lost-state faults act on DiskStorage's files, and a WAL whose
+    damage recovery refuses to cut gets the operator's wipe."""
+    seen: dict[str, int] = {}
+    for r in _results("disk").values():
+        assert isinstance(r, Result), r
+        for k, v in r.faults.items():
+            seen[k] = seen.get(k, 0) + v
+    for kind in ["wipe", "synced tail", "wipe after vote", "lost state settled", "commit-only ready not synced"]:
+        assert seen.get(kind, 0) > 0, f"no '{kind}' in the disk seeds: {sorted(seen)}"
+
+
 # ---- the harness must be able to fail ------------------------------------------------
+
+# Seeds on which nodes that lost state, voting as plain Raft would (--no-protect), break
+# safety. Deterministic: a seed replays exactly. If a change to the simulation moves them,
+# `python -m tests.sim --soak 300 --no-protect` lists new ones (about one seed in five).
+DOUBLE_VOTE_SEEDS = [2, 17, 24]
+TWO_LEADERS_SEED = 124  # with the double-vote check off: the second vote elects a second leader
+LOST_COMMIT_SEED = 106  # with the double-vote check off: a leader without a committed entry
+
+
+@pytest.mark.parametrize("seed", DOUBLE_VOTE_SEEDS)
+def test_without_the_lost_state_rule_a_node_votes_twice_in_a_term(seed):
+    with pytest.raises(SimFailure, match=r"double vote: node \d+ voted for \d+ and then for \d+") as e:
+        run_seed(seed, protect=False)
+    assert "--no-protect" in str(e.value)
+    run_seed(seed)  # the same faults with the rule: safe
+
+
+def test_without_the_lost_state_rule_the_second_vote_breaks_election_safety(monkeypatch):
+    monkeypatch.setattr(Checker, "on_vote", lambda self, *a: None)
+    with pytest.raises(SimFailure, match=r"election safety: nodes \d+ and \d+ are both leader in term="):
+        run_seed(TWO_LEADERS_SEED, protect=False)
+    with pytest.raises(SimFailure, match=r"leader completeness: leader \d+ of term="):
+        run_seed(LOST_COMMIT_SEED, protect=False)
+    run_seed(TWO_LEADERS_SEED)
+    run_seed(LOST_COMMIT_SEED)
+
+
 
 
 def test_acks_sent_before_fsync_are_caught(monkeypatch):

@@ -1,7 +1,10 @@
 """Command line of the simulation: replay one seed, or soak many.
 
-    python -m tests.sim --seed N [--storage disk] [-v]
-    python -m tests.sim --soak 10000 [--start 0] [--jobs 2] [--storage memory]
+    python -m tests.sim --seed N [--storage disk] [--no-protect] [-v]
+    python -m tests.sim --soak 10000 [--start 0] [--jobs 2] [--storage memory] [--no-protect]
+
+--no-protect runs nodes that lost state without Config.lost_state's vote rule (they
+vote as plain Raft would): some seeds then break election safety; see tests/test_sim.py.
 """
 
 from __future__ import annotations
@@ -17,21 +20,21 @@ from .runner import SimFailure, run_seed
 from .stores import scratch_dir
 
 
-def _one(args: tuple[int, str]) -> tuple[int, str | None, int]:
-    seed, storage = args
+def _one(args: tuple[int, str, bool]) -> tuple[int, str | None, int]:
+    seed, storage, protect = args
     try:
         with tempfile.TemporaryDirectory(prefix="sim-", dir=scratch_dir()) as workdir:
-            r = run_seed(seed, storage, workdir=workdir)
+            r = run_seed(seed, storage, workdir=workdir, protect=protect)
         return seed, None, r.committed
     except SimFailure as e:
         return seed, str(e), 0
 
 
-def soak(start: int, count: int, storage: str, jobs: int) -> int:
+def soak(start: int, count: int, storage: str, jobs: int, protect: bool = True) -> int:
     t0 = time.perf_counter()
     failures: list[tuple[int, str]] = []
     committed = 0
-    seeds = [(s, storage) for s in range(start, start + count)]
+    seeds = [(s, storage, protect) for s in range(start, start + count)]
     with multiprocessing.Pool(jobs) as pool:
         for i, (seed, err, n) in enumerate(pool.imap_unordered(_one, seeds, chunksize=4), 1):
             committed += n
@@ -43,7 +46,7 @@ def soak(start: int, count: int, storage: str, jobs: int) -> int:
                 el = time.perf_counter() - t0
                 print(f"soak: {i}/{count} seeds, {len(failures)} failed, {el:.0f}s ({i / el:.1f} seeds/s)", flush=True)
     el = time.perf_counter() - t0
-    print(f"soak: {count} seeds ({storage}) from {start}: {len(failures)} failed, "
+    print(f"soak: {count} seeds ({storage}{'' if protect else ', no protection'}) from {start}: {len(failures)} failed, "
           f"{committed} entries committed in total, {el:.1f}s with {jobs} jobs")
     for seed, err in sorted(failures)[:20]:
         print(f"FAILED seed {seed}: {err.splitlines()[0]}")
@@ -58,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--soak", type=int, metavar="COUNT", help="run COUNT seeds")
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--no-protect", action="store_true", help="nodes that lost state vote as plain Raft would")
     args = ap.parse_args(argv)
     if args.soak:
-        return soak(args.start, args.soak, args.storage, args.jobs)
+        return soak(args.start, args.soak, args.storage, args.jobs, protect=not args.no_protect)
     if args.seed is None:
         ap.error("--seed N or --soak COUNT")
     if args.verbose:
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="sim-", dir=scratch_dir()) as workdir:
-            r = run_seed(args.seed, args.storage, verbose=args.verbose, workdir=workdir)
+            r = run_seed(args.seed, args.storage, verbose=args.verbose, workdir=workdir, protect=not args.no_protect)
     except SimFailure as e:
         print(f"FAILED: {e}")
         return 1

@@ -4,12 +4,18 @@ Network shapes (isolation, bipartitions, bridges, one-way cuts, random link
 sets, a leader that can hear but not speak), loss/duplication rates, stale
 redelivery, crashes between steps and at any boundary inside the host's Ready
 loop, restarts, pauses and slow voters (high link latency plus a slow disk
-that defers Readies). It mutates the network and the nodes; it checks nothing.
+that defers Readies). Every crash is a power cut: what was not synced is lost
+(with the fsync shortcut, a commit-only hard state too). Lost state
+(docs/internals.md, "Lost state"): a wipe of the data dir, a damaged synced WAL
+tail that recovery cuts, a wipe right after a vote; on a minority of each voter
+set at a time. It mutates the network and the nodes; it checks nothing.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from .checkers import conf_key
 
 if TYPE_CHECKING:
     from .host import SimNode
@@ -51,6 +57,10 @@ class FaultInjector:
             if live:
                 self._count("crash between steps")
                 rng.choice(live).crash("between steps")
+        if rng.random() < p.wipe_rate:
+            self.lose_state("wipe")
+        if rng.random() < p.synced_loss_rate:
+            self.lose_state("synced tail")
         for nid in sorted(self.restart_at):
             if sim.now >= self.restart_at[nid]:
                 del self.restart_at[nid]
@@ -73,6 +83,71 @@ class FaultInjector:
             net.dup_rate = rng.choice([0.0, 0.02, 0.1])
             net.max_latency = rng.choice([1, 2, 4, 8, 20])
             sim.trace("net", 0, f"drop={net.drop_rate:.2f} dup={net.dup_rate} max_latency={net.max_latency}")
+
+    # ---- lost state ----------------------------------------------------------------
+
+    def lost_nodes(self) -> set[int]:
+        return {n.id for n in self.sim.nodes.values() if n.lost_marker or n.pending_loss}
+
+    def loss_allowed(self, nid: int) -> bool:
+        """Lost state on a minority of every voter set at most: a majority that lost its
+        votes (and maybe committed entries) is beyond what any rule can repair, and with
+        the protection on it could elect nobody."""
+        # Every voter set a node may elect with: the newest committed one and each node's
+        # own applied one (a node that has not applied a change still counts the old set).
+        sim = self.sim
+        leader = sim.leader()
+        if leader is not None and leader.raw.raft.pending_conf_index > leader.applied:
+            return False  # a change in flight may make a lost node a voter (seed 2380)
+        lc = sim.checker.latest_conf
+        confs = [n.conf_state for n in sim.nodes.values() if not n.decommissioned] + ([lc[1]] if lc else [])
+        if len({conf_key(cs) for cs in confs if cs.voters}) > 1:
+            return False  # not every node applied the newest change yet
+        sets = [set(cs.voters) for cs in confs] + [set(cs.voters_outgoing) for cs in confs]
+        if lc is None:
+            sets.append(set(range(1, sim.params.n_nodes + 1)))
+        lost = self.lost_nodes() | {nid}
+        return all(len(lost & s) <= (len(s) - 1) // 2 for s in sets if s)
+
+    def lose_state(self, kind: str, node: SimNode | None = None) -> bool:
+        """A node loses durable state: a power cut first (if it runs), then its data dir
+        is wiped, or the newest synced tail of its log is damaged so that recovery cuts
+        it. Its next start (scheduled as after any crash) finds the loss."""
+        sim, rng = self.sim, self.sim.rng
+        if node is None:
+            candidates = [n for n in sim.nodes.values() if not n.decommissioned and self.loss_allowed(n.id)]
+            if not candidates:
+                return False
+            node = rng.choice(candidates)
+        elif node.decommissioned or not self.loss_allowed(node.id):
+            return False
+        if node.alive:
+            node.crash(f"power cut before {kind}")
+        if kind == "wipe" or kind == "wipe after vote":
+            had = node.had_state()
+            node.backend.wipe()
+            what = "data dir wiped" if had else "data dir wiped (it held nothing yet)"
+            if had:
+                node.pending_loss = "wipe"
+        else:
+            what = node.backend.lose_synced_tail(rng)
+            if what is None:
+                return False
+            node.pending_loss = "synced tail"
+        self._count(kind)
+        sim.trace("lose-state", node.id, what)
+        return True
+
+    def after_vote(self, node: SimNode) -> None:
+        """Right after a node granted a vote: sometimes wipe it and restart it at once, the
+        sharpest way to make it vote twice in one term if nothing stops it."""
+        sim = self.sim
+        if self.enabled and sim.rng.random() < sim.params.wipe_after_vote_rate:
+            sim.after_step.append(lambda: self._wipe_after_vote(node))
+
+    def _wipe_after_vote(self, node: SimNode) -> None:
+        if self.enabled and node.alive and self.lose_state("wipe after vote", node):
+            self.restart_at[node.id] = self.sim.now + self.sim.rng.randint(1, 4)
 
     def toggle_slow_voter(self) -> None:
         sim, rng = self.sim, self.sim.rng

@@ -69,13 +69,28 @@ class SimNode:
         self.tick_phase = sim.rng.randrange(sim.params.tick_every)
         self.incarnation = 0
         self.role_term: tuple[int, int] = (0, 0)
+        self.boot_voters = voters
+        # Lost state (faults.py): `pending_loss` names the loss the next start finds;
+        # `lost_marker` is the node's durable "I lost state" mark (the service keeps it in
+        # a file): every start with it set runs raft with Config.lost_state, until raft
+        # votes again and a hard state above its vote floor is durable.
+        self.pending_loss: str | None = None
+        self.lost_marker = False
         if voters is not None:
-            snap = bootstrap_snapshot(voters)
-            st = backend.storage
-            st.apply_snapshot(snap)
-            backend.record_applied(BOOT_INDEX, snap.metadata.conf_state, BOOT_DIGEST)
-            st.sync()
+            self._bootstrap()
         self.start()
+
+    def _bootstrap(self) -> None:
+        """The service's first start on an empty data dir: the synthetic snapshot."""
+        snap = bootstrap_snapshot(self.boot_voters)
+        st = self.backend.storage
+        st.apply_snapshot(snap)
+        self.backend.record_applied(BOOT_INDEX, snap.metadata.conf_state, BOOT_DIGEST)
+        st.sync()
+
+    def had_state(self) -> bool:
+        """Whether a wipe now loses anything (the service: the chain is past genesis)."""
+        return self.durable_hs.term > 0 or self.durable_last > 0 or self.durable_applied > 0
 
     # ---- life cycle ----------------------------------------------------------------
 
@@ -83,7 +98,22 @@ class SimNode:
         from raft import Config, RawNode
 
         p = self.sim.params
-        storage = self.backend.restart()
+        loss = self.pending_loss
+        self.pending_loss = None
+        storage = self._open_storage(loss)
+        if loss is not None and self.pending_loss == "wipe":
+            loss, self.pending_loss = "wipe", None
+        if loss == "wipe" and self.boot_voters is not None:
+            # An original validator's service re-bootstraps an empty data dir (same
+            # snapshot at index 5 as every node: the validators never changed here).
+            self._bootstrap()
+            storage = self.backend.storage
+        if self.backend.name == "disk" and getattr(storage, "recovery_lost_synced", False):
+            # DiskStorage's own verdict: recovery cut damaged data that may have been synced.
+            self.sim.faults._count("recovery_lost_synced")
+            self.lost_marker = True
+        if loss is not None:
+            self.lost_marker = True
         state = storage.initial_state()
         rec = self.backend.durable_applied()
         self.applied = rec.index if rec else 0
@@ -99,7 +129,7 @@ class SimNode:
         self.snapshot_reports: list[tuple[int, bool]] = []
         restarted_hs = _copy(state.hard_state)
         restarted_last = storage.last_index()
-        if self.incarnation:
+        if self.incarnation and loss is None:
             # What the last sync() made durable must all be there after the crash
             # (more is fine: a torn tail may keep some unsynced writes).
             before = self.durable_hs
@@ -131,17 +161,48 @@ class SimNode:
             max_committed_size_per_ready=p.max_committed_size_per_ready,
             check_quorum=p.check_quorum,
             pre_vote=p.pre_vote,
+            lost_state=self.lost_marker,
         )
         logger = logging.getLogger(f"sim.node{self.id}")
         self.raw = RawNode(cfg, storage, rng=random.Random(self.sim.rng.getrandbits(64)), logger=logger)
+        if self.lost_marker and not self.sim.protect:
+            # Protection switched off (to show what it prevents): the rule's bookkeeping
+            # runs, so the fault budget still sees when the node would vote again, but it
+            # refuses nothing and asks no leader to hand over: plain Raft.
+            r = self.raw.raft
+            r._vote_withheld = lambda m: False
+            r._may_campaign_after_loss = lambda: True
+            r._ask_leader_to_hand_over = lambda: None
         self.alive = True
         self.incarnation += 1
         self.role_term = (0, 0)
         self.sim.trace("start", self.id, f"incarnation={self.incarnation} applied={self.applied} "
-                       f"term={self.durable_hs.term} vote={self.durable_hs.vote} last={self.durable_last}")
+                       f"term={self.durable_hs.term} vote={self.durable_hs.vote} last={self.durable_last}"
+                       + (f" LOST STATE ({loss or 'marker'})" if self.lost_marker else ""))
+
+    def _open_storage(self, loss: str | None) -> Any:
+        from raft.errors import CorruptLog
+
+        try:
+            return self.backend.restart()
+        except CorruptLog as e:
+            if loss is None:
+                raise
+            # Damage recovery refuses to cut: the operator moves the data dir away.
+            self.sim.faults._count("corrupt log, wiped")
+            self.sim.trace("corrupt", self.id, f"{e}; the operator wipes the node")
+            self.backend.wipe()
+            self.pending_loss = "wipe"
+            return self.backend.restart()
 
     def crash(self, where: str) -> None:
         self.sim.trace("crash", self.id, where)
+        if self.written_last != self.durable_last or self.written_hs != self.durable_hs:
+            self.sim.faults._count("power cut lost unsynced writes")
+            if self.written_hs.commit > self.durable_hs.commit and (self.written_hs.term, self.written_hs.vote) == (
+                self.durable_hs.term, self.durable_hs.vote
+            ):
+                self.sim.faults._count("power cut lost a commit-only hard state")
         self.raw = None
         self.alive = False
         self.apply_queue = []
@@ -268,10 +329,25 @@ class SimNode:
             st.set_hardstate(hs)
             self.written_hs = _copy(hs)
         self._boundary("written, not synced")
-        self._sync()
-        self.durable_hs = _copy(self.written_hs)
-        self.durable_last = self.written_last
-        sim.checker.on_vote(self.id, self.durable_hs.term, self.durable_hs.vote, "persisted hard state")
+        if rd.must_sync or not sim.params.fsync_shortcut:
+            self._sync()
+            self.durable_hs = _copy(self.written_hs)
+            self.durable_last = self.written_last
+            sim.checker.on_vote(self.id, self.durable_hs.term, self.durable_hs.vote, "persisted hard state")
+        else:
+            # The service's shortcut (consensus.py handle_ready, etcd's MustSync): a Ready
+            # that only moves the commit index is written, not fsynced; it reaches the disk
+            # with the next sync, or a power cut takes it.
+            hs = rd.hard_state
+            if rd.entries or rd.snapshot is not None or (
+                hs is not None and (hs.term, hs.vote) != (self.durable_hs.term, self.durable_hs.vote)
+            ):
+                raise InvariantViolation(
+                    f"node {self.id}: Ready {rd.number} says must_sync=False but carries entries, a snapshot "
+                    f"or a new term/vote"
+                )
+            if rd.hard_state is not None:
+                sim.faults._count("commit-only ready not synced")
         self._boundary("synced")
         # 3. messages that needed the persisted state
         self._send_all(rd.persisted_messages)
@@ -297,6 +373,13 @@ class SimNode:
 
     def _after_ready(self) -> None:
         """Checks that need the whole Ready persisted: leader completeness."""
+        if self.lost_marker:
+            r = self.raw.raft  # status() fields voting_withheld / vote_floor, without building a Status
+            if not r.withholding_votes and self.durable_hs.term > r.vote_floor:
+                self.lost_marker = False
+                self.sim.faults._count("lost state settled")
+                self.sim.trace("lost-state", self.id, f"votes again; durable term {self.durable_hs.term} "
+                               f"> vote floor {r.vote_floor}: marker dropped")
         if self.role_term[0]:
             term = self.role_term[1]
             st = self.backend.storage
@@ -323,6 +406,8 @@ class SimNode:
                 raise InvariantViolation(f"node {self.id} emitted a message with from={getattr(m, 'from')}")
             sim.checker.on_send(self.id, m, self.durable_hs, self.durable_last)
             sim.send(self.id, m)
+            if m.msg_type == pb.MsgRequestVoteResponse and not m.reject:
+                sim.faults.after_vote(self)
 
     def _install_snapshot(self, st: Any, snap: pb.Snapshot) -> None:
         meta = snap.metadata

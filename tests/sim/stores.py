@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,15 +45,43 @@ def _copy_arg(arg: Any) -> Any:
     return arg
 
 
+class _Journal:
+    """The last synced batches of a MemoryBackend and the durable state before them, so
+    a fault can take back the newest synced batches (a disk that lied about them)."""
+
+    KEEP = 8
+
+    def __init__(self) -> None:
+        from raft.storage import MemoryStorage
+
+        self.base = MemoryStorage()  # the durable state before batches[0]
+        self.base_applied: AppliedRecord | None = None
+        self.batches: deque[tuple[list[tuple[str, tuple]], AppliedRecord | None]] = deque()
+
+    def add(self, ops: list[tuple[str, tuple]], applied: AppliedRecord | None) -> None:
+        self.batches.append((ops, applied))
+        if len(self.batches) > self.KEEP:
+            old_ops, old_applied = self.batches.popleft()
+            _replay(self.base, old_ops)
+            if old_applied is not None:
+                self.base_applied = old_applied
+
+
+def _replay(storage: Any, ops: list[tuple[str, tuple]]) -> None:
+    for name, args in ops:
+        getattr(storage, name)(*(_copy_arg(a) for a in args))
+
+
 class _RecordingStorage:
     """Wraps a MemoryStorage: every write goes to `live` at once and is queued for
     the durable shadow, which receives the queue only on `sync()`."""
 
     _WRITES = ("append", "set_hardstate", "set_conf_state", "apply_snapshot", "create_snapshot", "compact")
 
-    def __init__(self, live: Any, shadow: Any) -> None:
+    def __init__(self, live: Any, shadow: Any, journal: _Journal | None = None) -> None:
         self._live = live
         self._shadow = shadow
+        self._journal = journal if journal is not None else _Journal()
         self._pending: list[tuple[str, tuple]] = []
         self.pending_applied: AppliedRecord | None = None
         self.durable_applied: AppliedRecord | None = None
@@ -101,13 +130,19 @@ class _RecordingStorage:
         self._write("compact", index)
 
     def sync(self) -> None:
-        for name, args in self._pending:
+        ops, applied = self._pending, self.pending_applied
+        for name, args in ops:
             getattr(self._shadow, name)(*args)
-        self._pending.clear()
-        if self.pending_applied is not None:
-            self.durable_applied = self.pending_applied
+        self._pending = []
+        if applied is not None:
+            self.durable_applied = applied
             self.pending_applied = None
+        if ops or applied is not None:
+            self._journal.add(ops, applied)
         self._live.sync()
+
+    def has_unsynced(self) -> bool:
+        return bool(self._pending) or self.pending_applied is not None
 
     def durable_view(self) -> Any:
         """The storage as a restart would find it (never handed to the core)."""
@@ -143,8 +178,34 @@ class MemoryBackend:
         """Lose everything written since the last sync."""
         shadow = self.storage.durable_view()
         durable = self.storage.durable_applied
-        self.storage = _RecordingStorage(copy.deepcopy(shadow), shadow)
+        self.storage = _RecordingStorage(copy.deepcopy(shadow), shadow, self.storage._journal)
         self.storage.durable_applied = durable
+
+    def wipe(self) -> None:
+        """An operator moved the data directory away: the next start finds nothing."""
+        from raft.storage import MemoryStorage
+
+        self.storage = _RecordingStorage(MemoryStorage(), MemoryStorage())
+
+    def lose_synced_tail(self, rng: Any) -> str | None:
+        """After a crash: the newest 1-4 synced batches are gone (a disk that acknowledged
+        them and lost them), as a recovery that cuts a damaged WAL tail leaves it. The
+        model of DiskBackend's real damage; None if there was nothing synced to lose."""
+        journal = self.storage._journal
+        if not journal.batches:
+            return None
+        k = rng.randint(1, min(4, len(journal.batches)))
+        kept = list(journal.batches)[:-k]
+        shadow = copy.deepcopy(journal.base)
+        applied = journal.base_applied
+        for ops, ap in kept:
+            _replay(shadow, ops)
+            if ap is not None:
+                applied = ap
+        journal.batches = deque(kept)
+        self.storage = _RecordingStorage(copy.deepcopy(shadow), shadow, journal)
+        self.storage.durable_applied = applied
+        return f"newest {k} synced batch(es) lost"
 
     def restart(self) -> Any:
         return self.storage
@@ -232,10 +293,56 @@ class DiskBackend:
         self.storage = None
 
     def restart(self) -> Any:
+        """Reopen after a crash; CorruptLog (damage recovery refuses to cut) propagates."""
         if self.storage is None:
             self.storage = self._cls.open(self.path, logger=self.logger)
             self._install_sync_copy()
         return self.storage
+
+    def wipe(self) -> None:
+        """An operator moved the data directory away: the next start creates a new store."""
+        if self.storage is not None:
+            self.crash()
+        shutil.rmtree(self.path, ignore_errors=True)
+        shutil.rmtree(self.synced_path, ignore_errors=True)
+
+    def lose_synced_tail(self, rng: Any) -> str | None:
+        """After a crash (so every byte left in the WAL was fsynced): damage the end of
+        the newest segment as a disk that lied would, in a way recovery can see: zero
+        or garble its last bytes, or cut it inside a record. Recovery then cuts the
+        damaged tail (or refuses with CorruptLog, and the operator wipes the node)."""
+        from raft.wal import SegmentScan, list_segments, read_records
+
+        assert self.storage is None, "damage the files of a crashed node only"
+        wal_dir = os.path.join(self.path, "raft-store", "wal")
+        segs = list_segments(wal_dir) if os.path.isdir(wal_dir) else []
+        if not segs:
+            return None
+        path = segs[-1][1]
+        size = os.path.getsize(path)
+        if size == 0:
+            return None
+        with open(path, "rb") as f:
+            data = f.read()
+        n = min(size, rng.choice([1, 7, 64, 512, 4096]))
+        how = rng.choice(["zeroed", "garbled", "cut"])
+        if how == "cut":
+            damaged = data[: size - n]
+            scan = SegmentScan(seq=segs[-1][0], path=path, size=len(damaged))
+            read_records(damaged, scan)
+            if scan.damage is None:
+                # Cut exactly at a record boundary: recovery could not see it (outside
+                # the fault model, as for Raft itself), so zero those bytes instead.
+                how = "zeroed"
+        if how != "cut":
+            fill = bytes(n) if how == "zeroed" else bytes(rng.getrandbits(8) for _ in range(n))
+            damaged = data[: size - n] + fill
+        with open(path, "wb") as f:
+            f.write(damaged)
+        if not self._hook:
+            shutil.rmtree(self.synced_path, ignore_errors=True)
+            shutil.copytree(self.path, self.synced_path)
+        return f"last {n} synced bytes of {os.path.basename(path)} {how}"
 
     def close(self) -> None:
         if self.storage is not None:

@@ -88,6 +88,12 @@ class Workload:
         leader = sim.leader()
         if leader is None:
             return
+        if sim.faults.lost_nodes():
+            # A change could leave the nodes that lost state a majority of the new voters
+            # (then nobody could be elected), e.g. by promoting one: the operator waits
+            # until they vote again.
+            self._count("cc deferred (lost state)")
+            return
         cs = leader.conf_state
         if cs.voters_outgoing:
             if not cs.auto_leave:
