@@ -75,7 +75,12 @@ class StateRole(IntEnum):
 
 
 def msg_name(t: int) -> str:
-    return MT.Name(t)
+    """The type's name; never raises on a value outside the enum (proto3 keeps unknown
+    enum values, and a log line about such a message must not crash the host)."""
+    try:
+        return MT.Name(t)
+    except ValueError:
+        return f"unknown({t})"
 
 
 def _vote_resp_type(t: int) -> int:

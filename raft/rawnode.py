@@ -33,6 +33,7 @@ from .core import (
     MsgUnreachable,
     Raft,
     StateRole,
+    msg_name,
 )
 from .errors import ProposalDropped, RaftError, StepLocalMsg, StepPeerNotFound
 from .storage import Storage
@@ -166,7 +167,7 @@ class RawNode:
         unknown peers raise StepPeerNotFound (raft-rs)."""
         t = msg.msg_type
         if t in LOCAL_MSGS:
-            raise StepLocalMsg(f"{pb.MessageType.Name(t)} is a local message")
+            raise StepLocalMsg(f"{msg_name(t)} is a local message")
         if t in RESPONSE_MSGS and getattr(msg, "from") not in self.raft.prs.progress:
             raise StepPeerNotFound(f"no progress for peer {getattr(msg, 'from')}")
         if t == MsgPropose:
