@@ -1004,6 +1004,12 @@ class Service:
             if not self.peer_running():
                 self.start_peer(config)
             return
+        if config.height < self.block_height:
+            # Older than the last block raft applied (a late or reordered call): the
+            # validators at that block, not these, say whether we are still one.
+            self.log.debug("ignoring a configuration of height %d without us: raft is at height %d",
+                           config.height, self.block_height)
+            return
         self.note_removal(config.height)
         abort = self.storage.abort_height()
         if config.height < abort:
@@ -1836,8 +1842,16 @@ def check_raft_message(m) -> None:
             if e.term > m.term or (k and e.term < m.entries[k - 1].term):
                 raise BadRequest(f"{where}: term {e.term} out of order (message term {m.term})")
         _check_conf_change_data(e, where)
-    if t == pb.MsgAppend and m.log_term > m.term:
-        raise BadRequest(f"{name}: log_term {m.log_term} above the message term {m.term}")
+    if t == pb.MsgAppend:
+        if m.log_term > m.term:
+            raise BadRequest(f"{name}: log_term {m.log_term} above the message term {m.term}")
+        # Only the dummy entry at index 0 has term 0. raft (as raft-rs) reads the term of an
+        # index beyond its log as 0, so such an append 'matches' there and the commit index
+        # it carries lands beyond the log: a state raft forbids (found by the gRPC fuzzer).
+        if m.index and not m.log_term:
+            raise BadRequest(f"{name}: log_term 0 at index {m.index}")
+        if any(not e.term for e in m.entries):
+            raise BadRequest(f"{name}: an entry of term 0")
     if m.HasField("snapshot"):
         meta = m.snapshot.metadata
         _check_number(meta.index, f"{name}: snapshot index")
@@ -1845,6 +1859,8 @@ def check_raft_message(m) -> None:
         if t == pb.MsgSnapshot and meta.index:
             if not meta.conf_state.voters:
                 raise BadRequest(f"{name}: snapshot at index {meta.index} without voters")
+            if not meta.term:
+                raise BadRequest(f"{name}: snapshot at index {meta.index} of term 0")
             if meta.term > m.term:
                 raise BadRequest(f"{name}: snapshot term {meta.term} above the message term {m.term}")
         if m.snapshot.data:

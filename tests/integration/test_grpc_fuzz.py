@@ -59,7 +59,19 @@ REGRESSIONS = [
     (NETWORK, "ffffff"),
     (RECONFIGURE, "0a05ab"),
     (CHECK_BLOCK, "0f"),
+    # found by this fuzzer (seed 7, input 13,313; built for the devnet's node 0 in
+    # forged_append_log_term_0): a forged MsgAppend at a higher term with log_term 0 at an
+    # index beyond the log 'matched' there and moved the commit index past the log
+    (NETWORK, "forged_append_log_term_0"),
 ]
+
+
+def forged_append_log_term_0(gen: Gen) -> bytes:
+    m = pb.Message(msg_type=pb.MsgAppend, to=gen.me, term=gen.term + 500, index=gen.last + 345_000_000,
+                   log_term=0, commit=gen.last + 345_000_000)
+    setattr(m, "from", 12345)
+    return network_pb2.NetworkMsg(module="consensus", type="raft", origin=12345,
+                                  msg=m.SerializeToString()).SerializeToString()
 
 
 def raft_id(address_hex: str) -> int:
@@ -142,12 +154,12 @@ class Gen:
             frm = r.choice([0, U64_MAX, 12345, r.getrandbits(64) | 1 << 63])
         setattr(m, "from", frm)
         far = self.last + r.randint(10**6, 10**9)
-        m.index = r.choice([far, self.u64()]) if term >= self.term else r.choice([far, self.last, self.u64()])
+        current = term >= self.term
+        # At the current term or above, a position beyond node 0's log: a forged leader
+        # whose append matched the log could make it commit what the cluster did not.
+        m.index = far if current else r.choice([far, self.last, self.u64()])
         m.log_term = r.choice([0, term, self.u64()])
-        if t == pb.MsgHeartbeat and term >= self.term:
-            m.commit = r.choice([0, far, self.u64()])
-        else:
-            m.commit = r.choice([0, self.u64()])
+        m.commit = r.choice([0, far]) if current else r.choice([0, self.u64()])
         if r.random() < 0.3:
             m.commit_term, m.reject_hint, m.request_snapshot = self.u64(), self.u64(), self.u64()
             m.reject = r.random() < 0.5
@@ -159,9 +171,9 @@ class Gen:
             data = r.choice([b"", r.randbytes(8), common_pb2.ConsensusConfiguration(
                 height=self.u64(), validators=[r.randbytes(r.choice([0, 20, 21]))]).SerializeToString()])
             m.snapshot.CopyFrom(pb.Snapshot(data=data, metadata=pb.SnapshotMetadata(
-                index=r.choice([far, self.u64()]), term=r.choice([term, self.u64()]),
+                index=far if current else r.choice([far, self.u64()]), term=r.choice([term, self.u64()]),
                 conf_state=pb.ConfState(voters=r.choice([[], [stranger], [stranger, 7]]),
-                                        learners=r.choice([[], [self.me]])))))
+                                        learners=r.choice([[], [stranger]])))))
         if r.random() < 0.05:
             m.context = r.randbytes(r.randint(0, 64))
         return m
@@ -257,6 +269,18 @@ class Gen:
         return CHECK_BLOCK, common_pb2.ProposalWithProof(proposal=common_pb2.Proposal(
             height=self.height, data=r.randbytes(40))).SerializeToString()
 
+    def is_instruction(self, method: str, body: bytes) -> bool:
+        """A mutated Reconfigure that is still a valid configuration, with other validators
+        or a recent height, is an instruction of the (trusted) controller: not sent."""
+        if method != RECONFIGURE:
+            return False
+        try:
+            c = common_pb2.ConsensusConfiguration.FromString(body)
+        except Exception:
+            return False
+        valid = (c.height < LIMIT and c.validators and all(len(v) == 20 for v in c.validators))
+        return bool(valid) and (list(c.validators) != self.addresses[:3] or c.height > self.height - 50)
+
     def next(self) -> tuple[str, str, bytes]:
         """(kind, method, body)."""
         r = self.rng.random()
@@ -264,8 +288,11 @@ class Gen:
             return "random", self.rng.choice([NETWORK, RECONFIGURE, CHECK_BLOCK]), self.rng.randbytes(
                 self.rng.choice([0, 1, 2, 5, 20, 100, 1000]))
         if r < 0.45:
-            method, body = self.valid_template()
-            return "mutated", method, self.mutate(body)
+            while True:
+                method, body = self.valid_template()
+                body = self.mutate(body)
+                if not self.is_instruction(method, body):
+                    return "mutated", method, body
         if r < 0.85:
             return "structured", *self.network_msg()
         if r < 0.93:
@@ -307,11 +334,15 @@ def test_fuzz_grpc_inputs_against_a_live_node(net3):
         counts[f"{kind} {code.name}"] = counts.get(f"{kind} {code.name}", 0) + 1
         if code not in ALLOWED:
             failures.append(f"{code.name} for {kind} input: ({method.rsplit('/', 1)[-1]}, {body.hex()!r})")
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                # the node is gone or hangs: stop here, with what it logged last
+                raise AssertionError(f"input {sum(counts.values())}: " + "\n".join(failures[-5:]) + "\n" +
+                                     node0_log(dn)[-6000:])
 
     try:
-        for method, hexbody in REGRESSIONS:
-            send("regression", method, bytes.fromhex(hexbody))
         gen.observe(dn.metrics(0), max(dn.heights()))
+        for method, body in REGRESSIONS:
+            send("regression", method, globals()[body](gen) if body.isidentifier() else bytes.fromhex(body))
         for n in range(1, INPUTS + 1):
             send(*gen.next())
             if n % 200 == 0:

@@ -125,6 +125,15 @@ def test_msg_name_never_raises():
             voters=[me]))), ), "snapshot data"),
     (lambda me: raft_msg(eraftpb_pb2.MsgSnapshot, me, 9, snapshot=eraftpb_pb2.Snapshot(
         metadata=eraftpb_pb2.SnapshotMetadata(index=50, term=9))), "without voters"),
+    # found by the gRPC fuzzer: a forged append at a higher term with log_term 0 beyond the log
+    # 'matched' there and its commit index landed past the log (fail-stop since the fix above)
+    (lambda me: raft_msg(eraftpb_pb2.MsgAppend, me, 3000, index=345905700, commit=345905700, frm=12345),
+     "log_term 0 at index 345905700"),
+    (lambda me: raft_msg(eraftpb_pb2.MsgSnapshot, me, 3000, frm=12345, snapshot=eraftpb_pb2.Snapshot(
+        metadata=eraftpb_pb2.SnapshotMetadata(index=345905700, conf_state=eraftpb_pb2.ConfState(voters=[me])))),
+     "of term 0"),
+    (lambda me: raft_msg(eraftpb_pb2.MsgAppend, me, 9, index=3, log_term=2, entries=[eraftpb_pb2.Entry(index=4)]),
+     "an entry of term 0"),
 ])
 def test_raft_messages_raft_cannot_handle_are_refused(cluster, build, reason):
     """Passed before the fix only where raft itself coped: the point is that the
@@ -401,6 +410,30 @@ def test_removed_validator_keeps_serving_raft_until_the_chain_passes_its_removal
         cfg(301, addr(1))                    # block 301 exists: the config without us is committed
         assert stopped
         assert svc.storage.abort_height() == 301
+    finally:
+        svc.storage.close()
+        svc.controller.close()
+        svc.network.close()
+
+
+def test_a_stale_configuration_without_us_does_not_start_a_removal(cluster):
+    """A configuration older than the last block raft applied (a late, reordered or
+    replayed call) cannot make a validator count itself removed (found by the gRPC
+    fuzzer: a mutated Reconfigure of an old height with a damaged address persisted an
+    abort height)."""
+    _, (node,) = cluster(1, start=False)
+    svc = consensus.Service(node.cfg)
+    started, stopped = [], []
+    svc.start_peer = lambda config: started.append(config.height)
+    svc.stop_peer = lambda: stopped.append(True)
+    svc.peer_running = lambda: bool(started) and not stopped
+    try:
+        svc.open_storage()
+        svc.bootstrap(common_pb2.ConsensusConfiguration(height=0, validators=[addr(0), addr(1)]))
+        svc.on_controller_config(common_pb2.ConsensusConfiguration(height=500, validators=[addr(0), addr(1)]))
+        svc.block_height = 500
+        svc.on_controller_config(common_pb2.ConsensusConfiguration(height=400, validators=[addr(1)]))
+        assert svc.nonvalidator_since is None and svc.storage.abort_height() == 0 and not stopped
     finally:
         svc.storage.close()
         svc.controller.close()
