@@ -352,6 +352,8 @@ def load_config(path: str) -> Config:
     if not cfg.node_addr.strip():
         raise ConfigError(f"{where}.node_addr: missing (a file holding the node's hex address, or the hex itself)")
     addr_path = cfg.node_addr.strip()
+    if os.path.isdir(addr_path):
+        raise ConfigError(f"{where}.node_addr: {addr_path} is a directory, not a file holding the node's hex address")
     if os.path.isfile(addr_path):
         try:
             with open(addr_path, encoding="utf-8") as f:
@@ -795,6 +797,7 @@ SNAPSHOT_EVERY = 1000       # applied entries between snapshots (and log compact
 KEEP_ENTRIES = 200          # entries kept below a snapshot for followers that lag a little
 SUPERVISE_SECONDS = 3.0     # as the original's main loop
 REREGISTER_SECONDS = 10.0   # re-registration with the network (a restarted network forgets us)
+FATAL_EXIT_SECONDS = 15.0  # after a fatal fault the process ends within this, stopped gracefully or not
 BOOTSTRAP_INDEX = BOOTSTRAP_TERM = 5  # must equal the Rust service's, on every node
 
 
@@ -834,8 +837,8 @@ class Service:
         self.consensus_config = common_pb2.ConsensusConfiguration()
         self.block_height = 0                 # height of the last block applied through raft
         self.controller_height = 0            # latest height the controller told us
-        self.abort_height_mem = 0
         self.bootstrapped_now = False         # this start made the bootstrap snapshot
+        self.started_empty = False            # raft started from an empty store (see lost_state)
         self.last_block_time = 0.0            # monotonic time the last block was applied (pacing)
         self.own_proposal = (0, b"", 0.0)     # (height, data, proposed at) of our latest proposal
         self.prechecked = (0, b"")            # (height, data) the controller accepted before it committed
@@ -846,6 +849,9 @@ class Service:
         self.registered = False
         self.network_trouble = gevent.event.Event()  # a network call failed: re-register now
         self.fatal: str | None = None
+        self._rate_limited: dict[str, tuple[float, int]] = {}
+        self.nonvalidator_since: int | None = None  # first height our controller said we are no validator
+        self.seen_as_validator = False         # this process saw a configuration with us as a validator
 
     # ----- life cycle -----
 
@@ -862,8 +868,8 @@ class Service:
                       os.path.abspath(self.cfg.raft_data_path))
         self.log.info("controller grpc addr: http://%s", self.controller.addr, extra=ctx(tag="controller"))
         self.log.info("network grpc addr: http://%s", self.network.addr, extra=ctx(tag="network"))
-        self.greenlets += [gevent.spawn(self.register_loop), gevent.spawn(self.supervisor_loop),
-                           gevent.spawn(self.applier_loop)]
+        self.greenlets += [self.spawn(self.register_loop), self.spawn(self.supervisor_loop),
+                           self.spawn(self.applier_loop)]
 
     def open_storage(self) -> None:
         from raft.disk import DiskStorage
@@ -884,13 +890,12 @@ class Service:
     def serve_grpc(self):
         from concurrent import futures
 
-        from cita_raft_pb import consensus_pb2_grpc, health_check_pb2_grpc, network_pb2_grpc
+        from cita_raft_pb import health_check_pb2_grpc
 
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=32),
                              interceptors=[_MetricsInterceptor(self.metrics)],
                              options=_CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)])
-        consensus_pb2_grpc.add_ConsensusServiceServicer_to_server(ConsensusServicer(self), server)
-        network_pb2_grpc.add_NetworkMsgHandlerServiceServicer_to_server(NetworkMsgHandler(self), server)
+        register_servicers(server, self)
         self.health = HealthServicer(self)
         health_check_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         port = self.cfg.grpc_listen_port
@@ -936,12 +941,51 @@ class Service:
         self.stopped.set()
         self.log.info("consensus service stopped")
 
-    def die(self, reason: str) -> None:
-        """A fault we must not continue after (disk failure): stop at once."""
+    def die(self, reason: str, exc_info=None) -> None:
+        """A fault we must not continue after (disk failure, a crashed greenlet, a
+        broken raft invariant): stop at once; the process exits 1 and its
+        orchestrator restarts it (fail-stop, never a zombie out of raft)."""
         if self.fatal is None:
             self.fatal = reason
-            self.log.critical("stopping: %s", reason)
+            self.log.critical("stopping: %s", reason, exc_info=exc_info)
         self.halt.set()
+
+    def spawn(self, fn, *args) -> gevent.Greenlet:
+        """Every greenlet of the service runs through here: an exception that
+        escapes it stops the process (see fail_stop) instead of killing only
+        that greenlet and leaving a process that serves but no longer works."""
+        return gevent.spawn(self.fail_stop, fn, *args)
+
+    def fail_stop(self, fn, *args):
+        try:
+            return fn(*args)
+        except gevent.GreenletExit:
+            raise
+        except raft.errors.StorageError as e:
+            self.die(f"raft data: {e}")
+        except raft.errors.RaftInvariantError as e:
+            self.die(f"raft invariant violated (in {getattr(fn, '__name__', fn)}): {e}", exc_info=True)
+        except Exception as e:
+            name = getattr(fn, "__name__", fn)
+            if self.stopping.is_set():
+                # Shutting down: channels and storage close under running greenlets.
+                self.log.debug("%s ended during shutdown: %s: %s", name, type(e).__name__, e)
+                return None
+            self.die(f"{name} crashed: {type(e).__name__}: {e}", exc_info=True)
+        return None
+
+    def once_per_second(self, key: str, message: str, *args) -> None:
+        """A warning about untrusted input, at most once a second per key (a flood
+        of bad messages must not flood the log); says how many were not logged."""
+        now = time.monotonic()
+        last, quiet = self._rate_limited.get(key, (-1e9, 0))
+        if now - last < 1.0:
+            self._rate_limited[key] = (last, quiet + 1)
+            return
+        self._rate_limited[key] = (now, 0)
+        if quiet:
+            message += f" ({quiet} more not logged in the last second)"
+        self.log.warning(message, *args, stacklevel=2)
 
     # ----- network registration and probes -----
 
@@ -976,7 +1020,7 @@ class Service:
         if not force and now - self.last_probe < 1.0:
             return  # the original could storm the network with probes (weak spot 11)
         self.last_probe = now
-        gevent.spawn(self._broadcast, "probe", u64_be(self.id))
+        self.spawn(self._broadcast, "probe", u64_be(self.id))
 
     def _broadcast(self, msg_type: str, payload: bytes) -> None:
         try:
@@ -989,7 +1033,7 @@ class Service:
             self.once.fail("broadcast", "%s", e)
 
     def send_control(self, origin: int, msg_type: str, payload: bytes) -> None:
-        gevent.spawn(self._send_control, origin, msg_type, payload)
+        self.spawn(self._send_control, origin, msg_type, payload)
 
     def _send_control(self, origin: int, msg_type: str, payload: bytes) -> None:
         try:
@@ -1010,7 +1054,7 @@ class Service:
             q = self.outboxes.get(to)
             if q is None:
                 q = self.outboxes[to] = gevent.queue.Queue(OUTBOX_LIMIT)
-                self.senders[to] = gevent.spawn(self.sender_loop, to, q)
+                self.senders[to] = self.spawn(self.sender_loop, to, q)
             try:
                 q.put_nowait(m)
             except gevent.queue.Full:
@@ -1052,11 +1096,7 @@ class Service:
 
     def supervisor_loop(self) -> None:
         while not self.stopping.is_set():
-            try:
-                self.supervise_once()
-            except raft.errors.StorageError as e:
-                self.die(f"raft data: {e}")
-                return
+            self.supervise_once()
             self.reconfigure_event.wait(SUPERVISE_SECONDS)
             self.reconfigure_event.clear()
 
@@ -1077,25 +1117,63 @@ class Service:
         self.on_controller_config(config)
 
     def on_controller_config(self, config) -> None:
+        try:
+            check_chain_config(config, "configuration from the controller")
+        except BadRequest as e:
+            self.once.fail("config", "ignoring it: %s", e, extra=ctx(tag="controller"))
+            return
+        self.once.ok("config")
         self.controller_height = config.height
-        validators = list(config.validators)
         if self.peer_running():
             self.put_command(("config", config))
-        if self.address in validators:
-            self.abort_height_mem = config.height + 2
+        if self.address in config.validators:
+            self.seen_as_validator = True
+            self.nonvalidator_since = None
             if not self.peer_running():
                 self.start_peer(config)
             return
-        if self.abort_height_mem > self.storage.abort_height():
-            self.storage.set_abort_height(self.abort_height_mem)
-        if config.height < self.storage.abort_height():
+        if config.height < self.block_height:
+            # Older than the last block raft applied (a late or reordered call): the
+            # validators at that block, not these, say whether we are still one.
+            self.log.debug("ignoring a configuration of height %d without us: raft is at height %d",
+                           config.height, self.block_height)
+            return
+        self.note_removal(config.height)
+        abort = self.storage.abort_height()
+        if config.height < abort:
             # Keep raft running until our own removal is through (abort-height rule).
             if not self.peer_running() and self.storage_initialized():
                 self.start_peer(config)
         elif self.peer_running():
             self.log.info("not a validator at height %d (abort height %d): leaving raft",
-                          config.height, self.storage.abort_height())
+                          config.height, abort)
             self.stop_peer()
+
+    def note_removal(self, height: int) -> None:
+        """Abort height of a removed validator: the first height F at which our
+        controller says we are no validator, plus one. The block that removed us
+        is at a height H <= F, and no leader proposes block H+1 before the raft
+        configuration without us is committed (maybe_conf_change holds blocks until
+        the voters equal the validators), so a chain at F+1 or above proves our
+        removal committed: we may leave raft then, and must not before (leaving at
+        once stalled replace-all at block_interval 0, where an abort height from
+        an old ping lagged hundreds of blocks behind). A node that restarts
+        already removed keeps the abort height it persisted; one that never
+        persisted any but is still a voter in its raft state serves until the next
+        block."""
+        if self.nonvalidator_since is not None:
+            return
+        if not self.seen_as_validator:
+            if self.storage.abort_height() or not self.storage_initialized():
+                return
+            cs = self.storage.initial_state().conf_state
+            if self.id not in cs.voters and self.id not in cs.voters_outgoing:
+                return
+        self.nonvalidator_since = height
+        if height + 1 > self.storage.abort_height():
+            self.storage.set_abort_height(height + 1)
+            self.log.info("no longer a validator at height %d: serving raft until the chain passes it "
+                          "(abort height %d)", height, height + 1)
 
     def peer_running(self) -> bool:
         return self.peer_greenlet is not None and not self.peer_greenlet.dead
@@ -1105,14 +1183,18 @@ class Service:
         return bool(st.conf_state.voters or st.hard_state.term or self.storage.last_index())
 
     def start_peer(self, config) -> None:
+        self.started_empty = False
         if not self.storage_initialized():
             if self.address not in config.validators:
                 return
+            self.started_empty = True
             self.bootstrap(config)
         self.recommit_after_restart()
+        lost_state = self.lost_state(config)
         cfg = raft.Config(id=self.id, election_tick=self.cfg.election_tick, heartbeat_tick=self.cfg.heartbeat_tick,
                           applied=self.storage.applied_index(), check_quorum=self.cfg.check_quorum,
-                          pre_vote=self.cfg.pre_vote, max_size_per_msg=1024 * 1024, max_inflight_msgs=256)
+                          pre_vote=self.cfg.pre_vote, max_size_per_msg=1024 * 1024, max_inflight_msgs=256,
+                          lost_state=lost_state)
         self.node = raft.RawNode(cfg, self.storage, logger=logging.getLogger("raft"))
         self.conf_state = self.storage.initial_state().conf_state
         if not self.consensus_config.validators:
@@ -1126,9 +1208,28 @@ class Service:
         self.set_raft_gauges(st)
         self.metrics.applied_index.set(st.applied)
         self.metrics.block_height.set(self.block_height)
-        self.peer_greenlet = gevent.spawn(self.peer_loop)
+        self.peer_greenlet = self.spawn(self._peer_loop)
         self.log.info("raft started: id %d, applied %d, block height %d, voters %s", self.id,
                       self.storage.applied_index(), self.block_height, sorted(self.conf_state.voters))
+
+    def lost_state(self, config) -> bool:
+        """Did this node lose durable raft state? Then it may have voted in a term
+        it no longer remembers, and raft must start with Config.lost_state (it
+        withholds votes until it is safe again). Known exactly in two cases: the
+        store was empty (fresh or wiped data dir) while the chain is past genesis,
+        or the WAL recovery cut damaged data that had been synced."""
+        if getattr(self.storage, "recovery_lost_synced", False):
+            self.log.warning("raft data lost: WAL recovery cut damaged data that had been synced (a disk that "
+                             "lied or was damaged); this node may have voted in a term it no longer remembers, "
+                             "so it starts with lost_state and withholds its vote until that is safe")
+            return True
+        if self.started_empty and config.height > 0:
+            self.log.warning("raft data lost or never there: the raft data dir %s was empty while the chain is at "
+                             "height %d (past genesis); if this node was a validator before, it may have voted in "
+                             "a term it no longer remembers, so it starts with lost_state and withholds its vote "
+                             "until that is safe", os.path.abspath(self.cfg.raft_data_path), config.height)
+            return True
+        return False
 
     def bootstrap(self, config) -> None:
         """An empty data dir: start from the synthetic snapshot every node of the
@@ -1209,15 +1310,6 @@ class Service:
 
     # ----- the peer loop: sole owner of the RawNode -----
 
-    def peer_loop(self) -> None:
-        try:
-            self._peer_loop()
-        except raft.errors.StorageError as e:
-            self.die(f"raft data: {e}")
-        except Exception:
-            self.log.exception("raft loop crashed")
-            self.die("raft loop crashed")
-
     def _peer_loop(self) -> None:
         node = self.node
         tick_s = self.cfg.tick_interval_in_millis / 1000.0
@@ -1265,9 +1357,21 @@ class Service:
             try:
                 node.step(value)
             except raft.errors.StepPeerNotFound:
+                # A response from a peer no longer (or not yet) in the configuration.
                 self.metrics.messages.labels("in", "unknown_peer").inc()
-            except raft.errors.RaftError as e:
+            except (raft.errors.ProposalDropped, raft.errors.StepLocalMsg) as e:
+                # Expected answers: a forwarded proposal we cannot take now (raft-rs
+                # drops it too); local types are refused at the boundary already.
                 self.log.debug("raft rejected a message from %d: %s", getattr(value, "from"), e)
+            except raft.errors.StorageError:
+                raise
+            except raft.errors.RaftError as e:
+                # Any other error from step means raft reached a state it forbids
+                # (a conflict below the commit index, ...): raft-rs panics; we stop.
+                self.log.critical("raft failed on a %s from %d (term %d, index %d): %s",
+                                  enum_name(pb.MessageType, value.msg_type), getattr(value, "from"), value.term,
+                                  value.index, e)
+                raise raft.errors.RaftInvariantError(f"step: {e}") from e
         elif kind == "proposal":
             self.propose_block(value)
         elif kind == "applied":
@@ -1405,7 +1509,7 @@ class Service:
         if now - self.last_block_time < self.block_interval():
             return
         self.fetching = True
-        gevent.spawn(self.fetch_proposal)
+        self.spawn(self.fetch_proposal)
 
     def fetch_proposal(self) -> None:
         try:
@@ -1762,6 +1866,152 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
                                                    response_serializer=handler.response_serializer)
 
 
+# ----- input validation at the gRPC boundary -----
+#
+# Every request body arrives as bytes (the handlers are registered with no
+# deserializer, see register_servicers) and is decoded and checked here, so
+# every malformed input is answered INVALID_ARGUMENT with a reason and nothing
+# the service cannot handle reaches the supervisor, raft or the disk.
+
+U64_MAX = 2**64 - 1
+# Heights, terms and indexes are u64 on the wire and in the WAL; the service adds
+# small numbers to them (abort height = height + 1, a term + 1 per election). A
+# value within 2^32 of u64 max is no real chain's (2^32 elections or blocks at
+# one per millisecond would take 50 days each way: the rest of the range takes
+# 584 million years): refuse it rather than overflow later.
+NUMBER_LIMIT = 2**64 - 2**32
+ADDRESS_BYTES = 20
+RAFT_WIRE_TYPES = frozenset(pb.MessageType.values()) - frozenset(
+    {pb.MsgHup, pb.MsgBeat, pb.MsgUnreachable, pb.MsgSnapStatus, pb.MsgCheckQuorum})
+_ENTRY_TYPES = frozenset(pb.EntryType.values())
+_CC_TYPES = frozenset(pb.ConfChangeType.values())
+_CC_TRANSITIONS = frozenset(pb.ConfChangeTransition.values())
+
+
+class BadRequest(Exception):
+    """An input refused at the boundary; the message is the reason given to the caller."""
+
+
+def enum_name(enum, value: int) -> str:
+    """The enum's name for `value`, or 'unknown(<value>)': never raises (defect: Name() of an
+    unknown value raised ValueError in the peer loop and ended the process)."""
+    try:
+        return enum.Name(value)
+    except ValueError:
+        return f"unknown({value})"
+
+
+def decode(message_type, body, what: str):
+    """Decode a request body (bytes) into `message_type`, or BadRequest."""
+    if not isinstance(body, bytes | bytearray | memoryview):
+        return body  # already decoded (a test calling the servicer directly)
+    try:
+        return message_type.FromString(bytes(body))
+    except Exception as e:  # DecodeError, or RuntimeWarning-like errors of the C decoder
+        raise BadRequest(f"undecodable {what} ({len(body)} bytes): {e}") from None
+
+
+def _check_number(value: int, what: str) -> None:
+    if value >= NUMBER_LIMIT:
+        raise BadRequest(f"{what} {value} out of range (must be below 2^64 - 2^32)")
+
+
+def check_chain_config(config, what: str = "configuration") -> None:
+    """A ConsensusConfiguration from the controller (Reconfigure, or a ping or CommitBlock reply)."""
+    _check_number(config.height, f"{what}: height")
+    if not config.validators:
+        raise BadRequest(f"{what}: no validators")
+    for i, v in enumerate(config.validators):
+        if len(v) != ADDRESS_BYTES:
+            raise BadRequest(f"{what}: validator {i} is {len(v)} bytes, expected a {ADDRESS_BYTES}-byte address")
+
+
+def check_proposal(proposal, what: str = "proposal") -> None:
+    _check_number(proposal.height, f"{what}: height")
+
+
+def _check_conf_change_data(entry, where: str) -> None:
+    if entry.entry_type == pb.EntryConfChangeV2:
+        cc = decode(pb.ConfChangeV2, entry.data, f"{where}: ConfChangeV2")
+        if cc.transition not in _CC_TRANSITIONS:
+            raise BadRequest(f"{where}: unknown conf change transition {cc.transition}")
+        changes = [(c.change_type, c.node_id) for c in cc.changes]
+    elif entry.entry_type == pb.EntryConfChange:
+        cc = decode(pb.ConfChange, entry.data, f"{where}: ConfChange")
+        changes = [(cc.change_type, cc.node_id)]
+    else:
+        return
+    for change_type, node_id in changes:
+        if change_type not in _CC_TYPES:
+            raise BadRequest(f"{where}: unknown conf change type {change_type}")
+        if node_id == 0 and (entry.entry_type == pb.EntryConfChange or cc.changes):
+            raise BadRequest(f"{where}: conf change of raft id 0")
+
+
+def check_raft_message(m) -> None:
+    """What raft and the peer loop may be handed: a known, non-local message type;
+    terms and indexes below NUMBER_LIMIT; entries of known types, numbered after
+    `index` in an append, never from a later term than the message; decodable conf
+    changes; a snapshot whose data is a chain configuration. Real peers never send
+    anything else."""
+    t = m.msg_type
+    name = enum_name(pb.MessageType, t)
+    if t not in RAFT_WIRE_TYPES:
+        if name.startswith("unknown"):
+            raise BadRequest(f"unknown raft message type {t}")
+        raise BadRequest(f"raft message type {name} is local to a node and never sent")
+    if getattr(m, "from") == 0:
+        raise BadRequest(f"{name} from raft id 0")
+    for field in ("term", "log_term", "index", "commit", "commit_term", "request_snapshot", "reject_hint"):
+        _check_number(getattr(m, field), f"{name}: {field}")
+    if t == pb.MsgPropose and not m.entries:
+        raise BadRequest("MsgPropose without entries")
+    for k, e in enumerate(m.entries):
+        where = f"{name}: entry {k}"
+        if e.entry_type not in _ENTRY_TYPES:
+            raise BadRequest(f"{where}: unknown entry type {e.entry_type}")
+        _check_number(e.term, f"{where}: term")
+        _check_number(e.index, f"{where}: index")
+        if t == pb.MsgAppend:
+            if e.index != m.index + 1 + k:
+                raise BadRequest(f"{where}: index {e.index}, expected {m.index + 1 + k}")
+            if e.term > m.term or (k and e.term < m.entries[k - 1].term):
+                raise BadRequest(f"{where}: term {e.term} out of order (message term {m.term})")
+        _check_conf_change_data(e, where)
+    if t == pb.MsgAppend:
+        if m.log_term > m.term:
+            raise BadRequest(f"{name}: log_term {m.log_term} above the message term {m.term}")
+        # Only the dummy entry at index 0 has term 0. raft (as raft-rs) reads the term of an
+        # index beyond its log as 0, so such an append 'matches' there and the commit index
+        # it carries lands beyond the log: a state raft forbids (found by the gRPC fuzzer).
+        if m.index and not m.log_term:
+            raise BadRequest(f"{name}: log_term 0 at index {m.index}")
+        if any(not e.term for e in m.entries):
+            raise BadRequest(f"{name}: an entry of term 0")
+    if m.HasField("snapshot"):
+        meta = m.snapshot.metadata
+        _check_number(meta.index, f"{name}: snapshot index")
+        _check_number(meta.term, f"{name}: snapshot term")
+        if t == pb.MsgSnapshot and meta.index:
+            if not meta.conf_state.voters:
+                raise BadRequest(f"{name}: snapshot at index {meta.index} without voters")
+            if not meta.term:
+                raise BadRequest(f"{name}: snapshot at index {meta.index} of term 0")
+            if meta.term > m.term:
+                raise BadRequest(f"{name}: snapshot term {meta.term} above the message term {m.term}")
+        if m.snapshot.data:
+            config = decode(common_pb2.ConsensusConfiguration, m.snapshot.data, f"{name}: snapshot data")
+            check_chain_config(config, f"{name}: snapshot data")
+
+
+def _answer(context, fn):
+    """Run a handler body: BadRequest -> INVALID_ARGUMENT with its reason."""
+    try:
+        return fn()
+    except BadRequest as e:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+
 class ConsensusServicer:
     """consensus.ConsensusService: what the controller calls."""
 
@@ -1769,9 +2019,14 @@ class ConsensusServicer:
         self.service = service
 
     def Reconfigure(self, request, context):  # noqa: N802 (gRPC method name)
+        return _answer(context, lambda: self._reconfigure(request))
+
+    def _reconfigure(self, body):
         # Answer at once; the supervisor and a running peer both see it, and
         # the latest configuration wins.
         s = self.service
+        request = decode(common_pb2.ConsensusConfiguration, body, "ConsensusConfiguration")
+        check_chain_config(request, "Reconfigure")
         s.latest_reconfigure = request
         s.reconfigure_event.set()
         s.log.debug("reconfigure: height %d, interval %d, %d validators", request.height,
@@ -1779,8 +2034,13 @@ class ConsensusServicer:
         return common_pb2.StatusCode(code=SUCCESS)
 
     def CheckBlock(self, request, context):  # noqa: N802
+        return _answer(context, lambda: self._check_block(request))
+
+    def _check_block(self, body):
         # Raft is crash-fault tolerant: blocks carry an empty proof and any
         # block the controller syncs from a peer is accepted here.
+        request = decode(common_pb2.ProposalWithProof, body, "ProposalWithProof")
+        check_proposal(request.proposal, "CheckBlock")
         return common_pb2.StatusCode(code=SUCCESS)
 
 
@@ -1791,17 +2051,22 @@ class NetworkMsgHandler:
         self.service = service
 
     def ProcessNetworkMsg(self, request, context):  # noqa: N802
+        return _answer(context, lambda: self._process(request))
+
+    def _process(self, body):
         s = self.service
+        request = decode(network_pb2.NetworkMsg, body, "NetworkMsg")
         if request.module != "consensus":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"wrong module {request.module!r}: this service handles module 'consensus'")
+            raise BadRequest(f"wrong module {request.module[:64]!r}: this service handles module 'consensus'")
         kind, origin = request.type, request.origin
         if kind == "raft":
+            msg = decode(pb.Message, request.msg, f"raft message from origin {origin}")
             try:
-                msg = pb.Message.FromString(request.msg)
-            except Exception:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"undecodable raft message ({len(request.msg)} bytes) from origin {origin}")
+                check_raft_message(msg)
+            except BadRequest as e:
+                s.once_per_second("bad-raft", "dropped a raft message from origin %d: %s", origin, e)
+                s.metrics.messages.labels("in", "invalid").inc()
+                raise
             sender = getattr(msg, "from")
             if msg.msg_type not in (pb.MsgPropose, pb.MsgTransferLeader):
                 # forwarded messages keep the original sender's id in `from`
@@ -1813,9 +2078,10 @@ class NetworkMsgHandler:
             s.deliver_raft(msg)
         elif kind in ("probe", "probe-resp", "refresh"):
             if len(request.msg) != 8:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{kind} payload must be an 8-byte big-endian raft id, got {len(request.msg)} bytes")
+                raise BadRequest(f"{kind} payload must be an 8-byte big-endian raft id, got {len(request.msg)} bytes")
             peer = int.from_bytes(request.msg, "big")
+            if peer == 0:
+                raise BadRequest(f"{kind} payload names raft id 0")
             if kind == "probe":
                 s.learn_origin(peer, origin)
                 s.send_control(origin, "probe-resp", u64_be(s.id))
@@ -1826,9 +2092,29 @@ class NetworkMsgHandler:
                     del s.mailbook[peer]
                 s.broadcast_probe()
         else:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"unknown message type {kind!r} (expected raft, probe, probe-resp or refresh)")
+            raise BadRequest(f"unknown message type {kind[:64]!r} (expected raft, probe, probe-resp or refresh)")
         return common_pb2.StatusCode(code=SUCCESS)
+
+
+def register_servicers(server, service: Service) -> None:
+    """Add the consensus and network-handler services with a bytes
+    pass-through (no request deserializer): grpcio would answer an undecodable body
+    INTERNAL ('Exception deserializing request') before our code runs; the handlers
+    decode it themselves and answer INVALID_ARGUMENT with the reason."""
+    def unary(fn, reply_type):
+        return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=None,
+                                                   response_serializer=reply_type.SerializeToString)
+
+    cons, handler = ConsensusServicer(service), NetworkMsgHandler(service)
+
+    status = common_pb2.StatusCode
+    server.add_generic_rpc_handlers((
+        grpc.method_handlers_generic_handler("consensus.ConsensusService", {
+            "Reconfigure": unary(cons.Reconfigure, status),
+            "CheckBlock": unary(cons.CheckBlock, status)}),
+        grpc.method_handlers_generic_handler("network.NetworkMsgHandlerService", {
+            "ProcessNetworkMsg": unary(handler.ProcessNetworkMsg, status)}),
+    ))
 
 
 READY_SERVICE = "consensus.Ready"   # the readiness health service name (probe -service=consensus.Ready)
@@ -2004,6 +2290,10 @@ def run_service(cfg: Config) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, on_signal, signum)
     service.halt.wait()
+    if service.fatal:
+        # Fail-stop means stop: should the graceful stop hang (a wedged call, a
+        # greenlet that does not yield), end the process anyway.
+        gevent.spawn_later(FATAL_EXIT_SECONDS, os._exit, 1)
     service.stop()
     return 1 if service.fatal else 0
 

@@ -137,3 +137,12 @@ def test_example_config_loads():
         os.chdir(cwd)
     assert cfg.node_address == bytes.fromhex(ADDR)
     assert consensus.Config().metrics_port == cfg.metrics_port
+
+
+def test_node_addr_naming_a_directory_says_so(tmp_path):
+    """Hardening I, defect 7: it said 'address file not found' (failed on f99da45)."""
+    d = tmp_path / "node_address"
+    d.mkdir()
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, f'[consensus_raft]\nnode_addr = "{d}"\n'))
+    assert f"node_addr: {d} is a directory, not a file holding the node's hex address" in str(e.value)
