@@ -152,3 +152,14 @@ crash-explore: setup
 .PHONY: fuzz-storage
 fuzz-storage: setup
 	$(PY) -m tests.fuzz_storage --inputs $(or $(INPUTS),100000) --seed $(or $(SEED),1)
+
+# every fuzzer's long variant (not in CI, where each runs a short one): INPUTS (default
+# 100,000) raft messages into RawNode.step of in-memory clusters, damaged storage files,
+# and NetworkMsg/Reconfigure/CheckBlock requests against a live devnet node. SEED=n
+.PHONY: fuzz
+fuzz: setup
+	RAFT_FUZZ_INPUTS=$(or $(INPUTS),100000) $(if $(SEED),RAFT_FUZZ_SEED=$(SEED)) \
+		$(PY) -m pytest -q -s tests/test_raft_fuzz.py
+	$(PY) -m tests.fuzz_storage --inputs $(or $(INPUTS),100000) --seed $(or $(SEED),1)
+	DEVNET_INTEGRATION=1 FUZZ_GRPC_INPUTS=$(or $(INPUTS),100000) FUZZ_SEED=$(or $(SEED),1) \
+		$(PY) -m pytest -q -s tests/integration/test_grpc_fuzz.py
