@@ -85,9 +85,10 @@ def test_a_seed_replays_exactly():
 
 
 def test_runs_exercise_the_faults_they_claim():
-    """Across a few seeds every fault and operator action actually happens."""
+    """Across the CI seeds every fault and operator action actually happens (the
+    outcomes are computed once per session, so reading all of them costs nothing)."""
     seen: dict[str, int] = {}
-    for seed in range(40):
+    for seed in MEMORY_SEEDS:
         r = _memory_result(seed)
         for k, v in {**r.faults, **r.workload}.items():
             seen[k] = seen.get(k, 0) + v
@@ -101,7 +102,7 @@ def test_runs_exercise_the_faults_they_claim():
                  "net isolate", "net bipartition", "net bridge", "net oneway_in", "net oneway_out",
                  "net leader_mute", "net leader_deaf", "net random_links", "transfer", "cc add", "cc remove",
                  "cc remove_leader", "cc replace_one", "cc replace_all", "propose ok"]:
-        assert seen.get(kind, 0) > 0, f"no '{kind}' in 40 seeds: {sorted(seen)}"
+        assert seen.get(kind, 0) > 0, f"no '{kind}' in {len(MEMORY_SEEDS)} seeds: {sorted(seen)}"
 
 
 def test_disk_runs_damage_real_wal_files():
@@ -122,8 +123,10 @@ def test_disk_runs_damage_real_wal_files():
 # safety. Deterministic: a seed replays exactly. If a change to the simulation moves them,
 # `python -m tests.sim --soak 300 --no-protect` lists new ones (about one seed in five).
 DOUBLE_VOTE_SEEDS = [2, 17, 24]
-TWO_LEADERS_SEED = 124  # with the double-vote check off: the second vote elects a second leader
-LOST_COMMIT_SEED = 106  # with the double-vote check off: a leader without a committed entry
+# With the double-vote check off, the second vote elects a leader that lacks a committed
+# entry (leader completeness). Before the core's lost-log catch-up fix (issue 13 #4) seed
+# 124 also elected two leaders in one term; 600 seeds after it show only this harm.
+LOST_COMMIT_SEEDS = [41, 106]
 
 
 @pytest.mark.parametrize("seed", DOUBLE_VOTE_SEEDS)
@@ -134,14 +137,13 @@ def test_without_the_lost_state_rule_a_node_votes_twice_in_a_term(seed):
     run_seed(seed)  # the same faults with the rule: safe
 
 
-def test_without_the_lost_state_rule_the_second_vote_breaks_election_safety(monkeypatch):
+@pytest.mark.parametrize("seed", LOST_COMMIT_SEEDS)
+def test_without_the_lost_state_rule_the_second_vote_breaks_safety(monkeypatch, seed):
     monkeypatch.setattr(Checker, "on_vote", lambda self, *a: None)
-    with pytest.raises(SimFailure, match=r"election safety: nodes \d+ and \d+ are both leader in term="):
-        run_seed(TWO_LEADERS_SEED, protect=False)
-    with pytest.raises(SimFailure, match=r"leader completeness: leader \d+ of term="):
-        run_seed(LOST_COMMIT_SEED, protect=False)
-    run_seed(TWO_LEADERS_SEED)
-    run_seed(LOST_COMMIT_SEED)
+    with pytest.raises(SimFailure, match=r"(leader completeness: leader \d+ of term=|election safety: nodes \d+ "
+                                         r"and \d+ are both leader in term=)"):
+        run_seed(seed, protect=False)
+    run_seed(seed)  # with the rule: safe
 
 
 

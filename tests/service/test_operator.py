@@ -12,9 +12,9 @@ import consensus
 import raft
 from cita_raft_pb import common_pb2, consensus_pb2_grpc, health_check_pb2, health_check_pb2_grpc
 
-from . import test_service
+from . import harness as test_service
 from .fakes import FakeNetwork, free_port, origin_of
-from .test_service import Node, addr, leader_of, wait_for
+from .harness import Node, addr, leader_of, wait_for
 
 # the service tests' fixtures: a cluster of in-process nodes, fast supervisor loops
 cluster = test_service.cluster
