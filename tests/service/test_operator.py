@@ -12,13 +12,10 @@ import consensus
 import raft
 from cita_raft_pb import common_pb2, consensus_pb2_grpc, health_check_pb2, health_check_pb2_grpc
 
-from . import harness as test_service
 from .fakes import FakeNetwork, free_port, origin_of
 from .harness import Node, addr, leader_of, wait_for
 
-# the service tests' fixtures: a cluster of in-process nodes, fast supervisor loops
-cluster = test_service.cluster
-fast_loops = test_service.fast_loops
+# the fixtures `cluster` and `fast_loops` (autouse) come from conftest.py
 
 SERVING = health_check_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_check_pb2.HealthCheckResponse.NOT_SERVING
