@@ -221,8 +221,8 @@ def acknowledged_after(data: bytes, damage: int) -> int | None:
 SECTOR = 512  # the unit a power cut persists or loses as a whole (docs/internals.md)
 
 
-def _valid_record_after(data: bytes, start: int) -> bool:
-    """Is there a well-formed record (any batch) starting after `start`?"""
+def _valid_record_after(data: bytes, start: int) -> int | None:
+    """The offset of the first well-formed record (any batch) after `start`, or None."""
     n = len(data)
     view = memoryview(data)
     for m in _KIND_BYTE_RE.finditer(data, start + 1 + 8):
@@ -234,8 +234,8 @@ def _valid_record_after(data: bytes, start: int) -> bool:
         if length > MAX_RECORD or end > n:
             continue
         if zlib.crc32(view[p + 8 : end]) == crc:
-            return True
-    return False
+            return p
+    return None
 
 
 def torn_append(data: bytes, damage: int) -> bool:
@@ -249,14 +249,26 @@ def torn_append(data: bytes, damage: int) -> bool:
     file or a zero sector inside it: its header is cut short, all zeros (with
     only zeros after it) or zero from a sector boundary on, or it is well framed (known kind, sane length, batch at or before its own
     offset) and runs past the end of the file or holds a sector-aligned run
-    of zeros. Anything else (a bit flip in a whole record, garbage, a hole
-    followed by valid records) is damage a crash cannot produce.
+    of zeros. A hole of whole zero sectors followed by valid records of the same
+    write is one too (sectors persisted out of order). Anything else (a bit flip
+    in a whole record, garbage, a partial hole followed by valid records) is
+    damage a crash cannot produce.
     """
     n = len(data)
     rest = n - damage
     if rest <= 0:
         return True
-    if _valid_record_after(data, damage):
+    follower = _valid_record_after(data, damage)
+    if follower is not None:
+        # Well-formed records follow (of the damaged write itself: one of a later batch
+        # is refused before this is asked). A power cut can persist an unsynced write's
+        # sectors out of order, so a whole zero sector between the damage and them is
+        # a crash state; any other damage there is not.
+        s = -(-damage // SECTOR) * SECTOR
+        while s + SECTOR <= follower:
+            if not any(data[s : s + SECTOR]):
+                return True
+            s += SECTOR
         return False
     if rest < HEADER_SIZE:
         return True  # header cut short by the end of the file

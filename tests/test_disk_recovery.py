@@ -356,3 +356,27 @@ def test_header_torn_at_a_sector_boundary_is_a_crash(tmp_path):
     s = reopen(path)
     assert s.last_index() == i - 1
     assert s.recovery_lost_synced is False
+
+
+def test_whole_zero_sectors_before_records_of_the_same_write_are_a_power_cut(tmp_path):
+    """A power cut can persist an unsynced write's sectors out of order: a hole of
+    whole zero sectors followed by valid records of that same write is a crash state,
+    cut without recovery_lost_synced (otherwise one power cut over a whole cluster
+    could leave a majority withholding votes forever)."""
+    path = str(tmp_path / "data")
+    s = DiskStorage.open(path, logger=LOG)
+    s.append(ents(1, 5))
+    s.sync()
+    s.append(ents(6, 40))
+    s.sync()  # one batch: entries 6..40 written by one write
+    s.close()
+    seg = last_segment(path)
+    offs = [o for k, o, _e in records(seg) if k == Kind.ENTRY]
+    hole = (offs[10] // SECTOR + 1) * SECTOR  # a whole sector after entry 11 starts
+    assert hole + SECTOR < offs[-1]  # valid records of the same write follow it
+    with open(seg, "r+b") as f:
+        f.seek(hole)
+        f.write(bytes(SECTOR))
+    s = reopen(path)
+    assert 6 <= s.last_index() < 40
+    assert s.recovery_lost_synced is False
