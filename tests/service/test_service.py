@@ -48,13 +48,22 @@ def test_three_nodes_agree_on_every_block(cluster):
 
 
 def test_block_interval_is_respected(cluster):
+    """Blocks come about block_interval apart on average. Only a lower bound on the
+    spacing is checked: a loaded machine can make blocks later, never earlier."""
     net, (node,) = cluster(1, block_interval=1)
     wait_for(lambda: node.ctrl.height >= 1, what="first block")
-    t0, h0 = time.monotonic(), node.ctrl.height
-    gevent.sleep(2.5)
-    made = node.ctrl.height - h0
-    assert 1 <= made <= 3, f"{made} blocks in 2.5 s with block_interval 1"
-    assert time.monotonic() - t0 >= 2.5
+    seen: list[tuple[int, float]] = []  # (height, when it was first seen)
+
+    def three_more():
+        h = node.ctrl.height
+        if not seen or h != seen[-1][0]:
+            seen.append((h, time.monotonic()))
+        return len(seen) >= 4
+
+    wait_for(three_more, what="three more blocks at block_interval 1")
+    (h0, t0), (h1, t1) = seen[0], seen[-1]
+    spacing = (t1 - t0) / (h1 - h0)  # a late first sighting can only shorten it by little
+    assert spacing >= 0.5, f"{h1 - h0} blocks in {t1 - t0:.2f} s at block_interval 1: {seen}"
 
 
 def grpc_stubs(port):
