@@ -988,6 +988,12 @@ class Raft:
         return True
 
     def _may_campaign_after_loss(self) -> bool:
+        if self.withholding_votes and self.prs.conf.voter_ids() == {self.id}:
+            # The only voter: no other candidate can collect a vote of ours, so a vote we
+            # forgot cannot be cast twice against anyone; campaign above the floor.
+            self.withholding_votes = False
+            self._info("lost state: the only voter, voting again above the vote floor", vote_floor=self.vote_floor,
+                       term=self.term)
         if self.withholding_votes:
             self._withheld += 1
             if self._lost_ticks - self._withheld_logged_at >= self.election_timeout:

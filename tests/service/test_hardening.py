@@ -97,7 +97,7 @@ def test_the_reported_network_msg_does_not_stop_a_real_process(real_node):
 def test_msg_name_never_raises():
     from raft.core import msg_name
     assert msg_name(eraftpb_pb2.MsgAppend) == "MsgAppend"
-    assert msg_name(100) == "unknown(100)"
+    assert msg_name(100) == "MessageType(100)" and msg_name(-5) == "MessageType(-5)"
     assert consensus.enum_name(eraftpb_pb2.MessageType, -5) == "unknown(-5)"
 
 
@@ -506,7 +506,14 @@ def test_recovery_that_lost_synced_data_starts_raft_with_lost_state(cluster, raf
     net, (node,) = cluster(1)
     wait_for(lambda: node.ctrl.height >= 2, what="blocks")
     node.stop()
-    monkeypatch.setattr(DiskStorage, "recovery_lost_synced", True, raising=False)
+    real_open = DiskStorage.open
+
+    def open_flagged(*a, **kw):  # a recovery that cut damaged synced data
+        s = real_open(*a, **kw)
+        s.recovery_lost_synced = True
+        return s
+
+    monkeypatch.setattr(DiskStorage, "open", staticmethod(open_flagged))
     node.start()
     h = node.ctrl.height
     wait_for(lambda: node.ctrl.height >= h + 2, what="blocks after the restart")
