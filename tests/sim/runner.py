@@ -37,12 +37,10 @@ from .workload import Workload
 
 MAX_NODES = 24
 
-# Issue 13 §1.4 (branch raftcore): a follower that lost log entries the leader recorded as
-# matched is never caught up while that leader stays (it drops the rejections as stale).
-# Until that fix is on this branch, the heal check accepts exactly that state (and counts
-# it); the crash-of-every-node phase, whose new leader probes from scratch, still checks it.
-# SIM_STRICT_CATCH_UP=1 turns the tolerance off (e.g. seed 166 then fails on this branch).
-TOLERATE_LOST_LOG_STALL = os.environ.get("SIM_STRICT_CATCH_UP") != "1"
+# Issue 13 §1.4: a follower that lost log entries the leader recorded as matched was never
+# caught up while that leader stayed. The core now catches it up, so the heal check is
+# strict; SIM_TOLERATE_LOST_LOG_STALL=1 accepts (and counts) that state again, to compare.
+TOLERATE_LOST_LOG_STALL = os.environ.get("SIM_TOLERATE_LOST_LOG_STALL") == "1"
 
 
 class SimFailure(AssertionError):
