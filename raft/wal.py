@@ -203,35 +203,24 @@ def acknowledged_after(data: bytes, damage: int) -> int | None:
     of the damaged batch itself prove nothing: a power cut can persist the
     pages of an unsynced write out of order, leaving a hole before them.
     """
-    n = len(data)
-    view = memoryview(data)
-    for m in _KIND_BYTE_RE.finditer(data, damage + 1 + 8):
-        p = m.start() - 8
-        if n - p < HEADER_SIZE:
-            break
-        length, crc, _kind, batch = HEADER.unpack_from(data, p)
-        end = p + HEADER_SIZE + length
-        if length > MAX_RECORD or end > n or batch <= damage:
-            continue
-        if zlib.crc32(view[p + 8 : end]) == crc:
-            return p
-    return None
+    return _valid_record_after(data, damage, batch_after=damage)
 
 
 SECTOR = 512  # the unit a power cut persists or loses as a whole (docs/internals.md)
 
 
-def _valid_record_after(data: bytes, start: int) -> int | None:
-    """The offset of the first well-formed record (any batch) after `start`, or None."""
+def _valid_record_after(data: bytes, start: int, batch_after: int = -1) -> int | None:
+    """The offset of the first well-formed record after `start` whose batch began
+    after `batch_after` (any batch by default), or None."""
     n = len(data)
     view = memoryview(data)
     for m in _KIND_BYTE_RE.finditer(data, start + 1 + 8):
         p = m.start() - 8
         if n - p < HEADER_SIZE:
             break
-        length, crc, _kind, _batch = HEADER.unpack_from(data, p)
+        length, crc, _kind, batch = HEADER.unpack_from(data, p)
         end = p + HEADER_SIZE + length
-        if length > MAX_RECORD or end > n:
+        if length > MAX_RECORD or end > n or batch <= batch_after:
             continue
         if zlib.crc32(view[p + 8 : end]) == crc:
             return p
