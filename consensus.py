@@ -1639,6 +1639,9 @@ class Service:
             self.storage.append(rd.entries)
         if rd.hard_state is not None:
             self.storage.set_hardstate(rd.hard_state)
+            # The commit gauge moves here, before anything it covers is applied:
+            # a scrape never sees applied_index above commit_index.
+            self.metrics.commit_index.set(rd.hard_state.commit)
         # fsync only what raft needs durable before it answers anyone: entries, a
         # snapshot, a new term or vote (must_sync, as etcd's MustSync). A new commit
         # index alone is written and goes to disk with the next sync; a restart that

@@ -219,3 +219,24 @@ def test_latency_histograms_count_calls_without_client_name(cluster):
     assert sample(text, "unknown_to_CheckBlock_count") == 2
     assert sample(text, "controller_to_CheckBlock_count") == 1
     assert "to_Check_" not in text      # health checks are not measured
+
+
+def test_commit_gauge_never_trails_the_applied_gauge(cluster):
+    """A scrape must never show applied_index above commit_index (CI once
+    caught a follower at commit 8, applied 9: the commit gauge moved on the
+    next tick, the applied one as soon as the applier finished). Every time a
+    node sets its applied gauge, its commit gauge already covers the index."""
+    net, nodes = cluster(3)
+    seen = []   # (node, commit gauge, applied index) at each applied-gauge update
+    for n in nodes:
+        m = n.service.metrics
+        original = m.applied_index.set
+
+        def checked(value, n=n, m=m, original=original):
+            seen.append((n.service.id, m.commit_index._value.get(), value))
+            original(value)
+        m.applied_index.set = checked
+    wait_for(lambda: min(n.ctrl.height for n in nodes) >= 6, what="6 blocks on every node")
+    assert {nid for nid, _, _ in seen} == {n.service.id for n in nodes}
+    behind = [(nid, commit, applied) for nid, commit, applied in seen if commit < applied]
+    assert not behind, behind
