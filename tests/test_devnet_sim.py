@@ -30,7 +30,13 @@ U64_MAX = 2**64 - 1
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# TEST_WAIT_SCALE multiplies every bound (default 4, as in tests/service): a
+# passing wait returns as soon as its condition holds.
+WAIT_SCALE = float(os.environ.get("TEST_WAIT_SCALE", "4"))
+
+
 def wait_for(cond, timeout: float, what: str):
+    timeout *= WAIT_SCALE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = cond()

@@ -24,6 +24,10 @@ TICK_MS = int(os.environ.get("DEVNET_TICK_MS", "50"))
 HEARTBEAT_TICK = int(os.environ.get("DEVNET_HEARTBEAT_TICK", "2"))
 ELECTION_TICK = int(os.environ.get("DEVNET_ELECTION_TICK", "10"))
 # Generous bounds on every wait (a loaded 2-core machine), never a timing assertion.
+# TEST_WAIT_SCALE multiplies every bound here, as in tests/service (default 4
+# there; 2 here, where the base bound is already 40 s). A passing wait returns
+# as soon as its condition holds, so only a failing one takes longer.
+WAIT_SCALE = float(os.environ.get("TEST_WAIT_SCALE", "2"))
 WAIT = float(os.environ.get("DEVNET_WAIT_S", "40"))
 # DEVNET_CONSENSUS=stub runs the scenarios against devnet.stub_consensus (no Raft):
 # a check that they do fail on a consensus that cannot survive faults.
@@ -34,7 +38,7 @@ def make_devnet(path, nodes: int, validators: int | None = None, block_interval:
     dn = Devnet.create(str(path), nodes=nodes, validators=validators, block_interval=block_interval,
                        tick_ms=TICK_MS, heartbeat_tick=HEARTBEAT_TICK, election_tick=ELECTION_TICK, seed=seed,
                        consensus=CONSENSUS)
-    dn.up(wait_serving=WAIT)
+    dn.up(wait_serving=WAIT * WAIT_SCALE)
     return dn
 
 
@@ -55,6 +59,7 @@ class Waiter:
         self.dn = dn
 
     def until(self, cond, what: str, timeout: float = WAIT):
+        timeout *= WAIT_SCALE
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             v = cond()

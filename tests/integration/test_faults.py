@@ -11,7 +11,7 @@ import pytest
 
 from devnet.chain import read_chain
 
-from .conftest import Waiter, make_devnet
+from .conftest import WAIT_SCALE, Waiter, make_devnet
 
 ALL = [0, 1, 2]
 
@@ -91,7 +91,7 @@ def test_restart_all_from_the_wal_after_sigterm_and_after_kill9(net3, w):
         for i in ALL:
             net3.start(i)
         for i in ALL:
-            net3.wait_serving(i, 30)
+            net3.wait_serving(i, 30 * WAIT_SCALE)
         # The hard state and the log come back from the WAL: a term never goes backwards
         # (the Rust original's bug, cita-cloud.md 4.7.1) and nothing committed is forgotten.
         after = w.until(lambda: (lambda s: s if all(t >= 0 for t, _, _ in s) else None)(raft_state(net3)),
