@@ -66,7 +66,7 @@ LOCAL_MSGS = frozenset({MsgHup, MsgBeat, MsgUnreachable, MsgSnapStatus, MsgCheck
 RESPONSE_MSGS = frozenset(
     {MsgAppendResponse, MsgRequestVoteResponse, MsgHeartbeatResponse, MsgUnreachable, MsgRequestPreVoteResponse}
 )
-_VOTE_TYPES = (MsgRequestVote, MsgRequestPreVote, MsgRequestVoteResponse, MsgRequestPreVoteResponse)
+_VOTE_TYPES = frozenset({MsgRequestVote, MsgRequestPreVote, MsgRequestVoteResponse, MsgRequestPreVoteResponse})
 
 
 class StateRole(IntEnum):
@@ -349,33 +349,25 @@ class Raft:
     # ---- sending ------------------------------------------------------------------
 
     def send(self, m: pb.Message) -> None:
-        if m.msg_type in _VOTE_TYPES:
+        """Queue `m` for the next Ready: every message the core emits leaves here (etcd
+        raft.go send). A vote request or response carries the term it names (a pre-vote
+        the term it asks for), a proposal keeps its own (0 when local), every other
+        message gets our term; an unset sender becomes this node."""
+        t = m.msg_type
+        if t in _VOTE_TYPES:
             if m.term == 0:
-                raise RaftError(f"term should be set when sending {msg_name(m.msg_type)}")
-        elif m.msg_type != MsgPropose:
+                raise RaftError(f"term should be set when sending {msg_name(t)}")
+        elif t != MsgPropose:
             m.term = self.term
         if getattr(m, "from") == 0:
             setattr(m, "from", self.id)
         self.msgs.append(m)
 
-    def _new_msg(self, to: int, msg_type: int) -> pb.Message:
-        m = pb.Message(msg_type=msg_type, to=to, term=self.term, **self._from)
-        return m
-
     def maybe_send_append(self, to: int, send_if_empty: bool) -> bool:
         """Send `to` the entries from its next index (or a snapshot if they are compacted)."""
         pr = self.prs.progress.get(to)
-        if pr is None:
+        if pr is None or pr.is_paused():
             return False
-        st = pr.state
-        if st == ProgressState.Probe:
-            if pr.paused:
-                return False
-        elif st == ProgressState.Replicate:
-            if len(pr.ins._q) >= pr.ins.cap:
-                return False
-        else:
-            return False  # waiting for a snapshot
         if pr.pending_request_snapshot != 0:
             return self._prepare_send_snapshot(to, pr)
         lg = self.log
@@ -409,23 +401,17 @@ class Raft:
         if not ents and not send_if_empty:
             return False
         # Field by field: upb's keyword constructor costs about twice as much (hot path).
+        # send() sets the term and the sender.
         m = pb.Message()
         m.msg_type = MsgAppend
         m.to = to
-        setattr(m, "from", self.id)
-        m.term = self.term
         m.index = prev
         m.log_term = term
         m.commit = lg.committed
         if ents:
             m.entries.extend(ents)
-            last_sent = ents[-1].index
-            if st == ProgressState.Replicate:
-                pr.next_idx = last_sent + 1
-                pr.ins.add(last_sent)
-            else:
-                pr.paused = True
-        self.msgs.append(m)
+            pr.update_state(ents[-1].index)
+        self.send(m)
         return True
 
     def _prepare_send_snapshot(self, to: int, pr: Progress) -> bool:
@@ -444,9 +430,9 @@ class Raft:
             "sent snapshot", to=to, snapshot_index=sindex, snapshot_term=sterm, first_index=self.log.first_index(), progress=pr
         )
         pr.become_snapshot(sindex)
-        m = self._new_msg(to, MsgSnapshot)
+        m = pb.Message(msg_type=MsgSnapshot, to=to)
         m.snapshot.CopyFrom(snap)
-        self.msgs.append(m)
+        self.send(m)
         return True
 
     def send_append(self, to: int) -> None:
@@ -476,10 +462,8 @@ class Raft:
         m = pb.Message()
         m.msg_type = MsgHeartbeat
         m.to = to
-        setattr(m, "from", self.id)
-        m.term = self.term
         m.commit = min(pr.matched, self.log.committed)
-        self.msgs.append(m)
+        self.send(m)
 
     def should_bcast_commit(self) -> bool:
         """Tell followers a new commit index at once, unless skip_bcast_commit is set
@@ -493,7 +477,7 @@ class Raft:
                 self.send_heartbeat(pid, pr)
 
     def send_timeout_now(self, to: int) -> None:
-        self.msgs.append(self._new_msg(to, MsgTimeoutNow))
+        self.send(pb.Message(msg_type=MsgTimeoutNow, to=to))
 
     # ---- leader bookkeeping ----------------------------------------------------------
 
@@ -657,11 +641,10 @@ class Raft:
                 log_term=last_term,
                 commit=commit,
                 commit_term=commit_term,
-                **self._from,
             )
             if campaign_type == CAMPAIGN_TRANSFER:
                 m.context = campaign_type
-            self.msgs.append(m)
+            self.send(m)
 
     def poll(self, pid: int, msg_type: int, granted: bool) -> VoteResult:
         self.prs.record_vote(pid, granted)
@@ -1058,12 +1041,20 @@ class Raft:
         elif t == MsgAppend or t == MsgHeartbeat or t == MsgSnapshot:
             self._conflicting_leader(m, self.id)
 
-    def propose_normal(self, data: bytes, context: bytes = b"") -> None:
-        """The leader's own normal proposal: the hot path of RawNode.propose, same rules as MsgPropose."""
-        if self.lead_transferee != INVALID_ID:
-            raise ProposalDropped(f"leader transfer to {self.lead_transferee} in progress")
+    def _check_proposal(self) -> None:
+        """ProposalDropped unless this leader may append proposals now: the rule of both
+        MsgPropose and propose_normal (etcd stepLeader's order)."""
         if self.id not in self.prs.progress:
+            # Removed from the config (thesis §4.2.2): do not accept proposals.
             raise ProposalDropped("this node is not in the configuration")
+        if self.lead_transferee != INVALID_ID:
+            self._debug("proposal dropped, leader transfer in progress", transferee=self.lead_transferee)
+            raise ProposalDropped(f"leader transfer to {self.lead_transferee} in progress")
+
+    def propose_normal(self, data: bytes, context: bytes = b"") -> None:
+        """The leader's own normal entry: RawNode.propose's hot path, a MsgPropose of one
+        normal entry without building the message (the caller checked we lead)."""
+        self._check_proposal()
         lg = self.log
         u = lg.unstable
         if u.entries:
@@ -1075,25 +1066,13 @@ class Raft:
         else:
             index = lg.last_index() + 1
             lg.append([pb.Entry(data=data, context=context, term=self.term, index=index)])
-        self._bcast_pending = True
+        self.bcast_append()
 
-    def propose_entries(self, ents: list[pb.Entry]) -> None:
-        """The leader's own proposal (RawNode fast path, same rules as MsgPropose)."""
-        if self.state != StateRole.Leader:
-            raise ProposalDropped("not leader")
-        self._propose(None, ents)
-
-    def _propose(self, m: pb.Message | None, ents: list[pb.Entry] | None = None) -> None:
-        if ents is None:
-            ents = list(m.entries)
+    def _propose(self, m: pb.Message) -> None:
+        ents = list(m.entries)
         if not ents:
             raise RaftError("stepped empty MsgPropose")
-        if self.id not in self.prs.progress:
-            # Removed from the config (thesis §4.2.2): do not accept proposals.
-            raise ProposalDropped("this node is not in the configuration")
-        if self.lead_transferee != INVALID_ID:
-            self._debug("proposal dropped, leader transfer in progress", transferee=self.lead_transferee)
-            raise ProposalDropped(f"leader transfer to {self.lead_transferee} in progress")
+        self._check_proposal()
         for i, e in enumerate(ents):
             if e.entry_type == pb.EntryConfChange:
                 raise ProposalDropped("ConfChange v1 is not supported, use ConfChangeV2")
@@ -1280,13 +1259,13 @@ class Raft:
                 self._info("received MsgTimeoutNow but is not promotable", **{"from": frm})
 
     def _send_request_snapshot(self) -> None:
-        m = self._new_msg(self.leader_id, MsgAppendResponse)
+        m = pb.Message(msg_type=MsgAppendResponse, to=self.leader_id)
         m.index = self.log.committed
         m.reject = True
         m.reject_hint = self.log.last_index()
         m.log_term = self.log.term(m.reject_hint)
         m.request_snapshot = self.pending_request_snapshot
-        self.msgs.append(m)
+        self.send(m)
 
     def request_snapshot(self, request_index: int) -> None:
         if self.state == StateRole.Leader:
@@ -1306,19 +1285,16 @@ class Raft:
         committed = self.log.committed
         if m.index < committed:
             # Already committed here: tell the leader where we are so it skips ahead.
-            r = pb.Message(msg_type=MsgAppendResponse, to=frm, term=self.term, index=committed, commit=committed, **self._from)
-            self.msgs.append(r)
+            self.send(pb.Message(msg_type=MsgAppendResponse, to=frm, index=committed, commit=committed))
             return
         res = self.log.maybe_append(m.index, m.log_term, m.commit, m.entries)
         if res is not None:
             r = pb.Message()
             r.msg_type = MsgAppendResponse
             r.to = frm
-            setattr(r, "from", self.id)
-            r.term = self.term
             r.index = res[1]
             r.commit = self.log.committed
-            self.msgs.append(r)
+            self.send(r)
             return
         # Paper §5.3 consistency check failed. Tell the leader the largest index at or
         # below the probe whose term is <= the probe's term, and that term (raft-rs hint).
@@ -1338,15 +1314,13 @@ class Raft:
         r = pb.Message(
             msg_type=MsgAppendResponse,
             to=frm,
-            term=self.term,
             index=m.index,
             reject=True,
             reject_hint=hint_index,
             log_term=hint_term,
             commit=self.log.committed,
-            **self._from,
         )
-        self.msgs.append(r)
+        self.send(r)
 
     def handle_heartbeat(self, m: pb.Message) -> None:
         lost = m.commit > self.log.committed and m.commit > self.log.last_index()
@@ -1361,12 +1335,10 @@ class Raft:
         r = pb.Message()
         r.msg_type = MsgHeartbeatResponse
         r.to = getattr(m, "from")
-        setattr(r, "from", self.id)
-        r.term = self.term
         r.commit = self.log.committed
         if m.context:
             r.context = m.context
-        self.msgs.append(r)
+        self.send(r)
 
     def _report_lost_log(self, m: pb.Message) -> None:
         """A heartbeat commits min(match, commit) of the leader, so a commit beyond our last
@@ -1384,14 +1356,12 @@ class Raft:
         r = pb.Message()
         r.msg_type = MsgAppendResponse
         r.to = getattr(m, "from")
-        setattr(r, "from", self.id)
-        r.term = self.term
         r.index = m.commit
         r.reject = True
         r.reject_hint = last
         r.log_term = self.log.term(last)
         r.commit = self.log.committed
-        self.msgs.append(r)
+        self.send(r)
 
     def handle_snapshot(self, m: pb.Message) -> None:
         frm = getattr(m, "from")
@@ -1405,8 +1375,7 @@ class Raft:
         else:
             self._info("ignored snapshot", snapshot_index=sindex, snapshot_term=sterm, commit=self.log.committed)
             index = self.log.committed
-        r = pb.Message(msg_type=MsgAppendResponse, to=frm, term=self.term, index=index, **self._from)
-        self.msgs.append(r)
+        self.send(pb.Message(msg_type=MsgAppendResponse, to=frm, index=index))
 
     def restore(self, snap: pb.Snapshot) -> bool:
         """Install a leader's snapshot (paper §7); False if it is stale or already covered."""

@@ -169,7 +169,7 @@ class Progress:
         if s == ProgressState.Probe:
             return self.paused
         if s == ProgressState.Replicate:
-            return len(self.ins._q) >= self.ins.cap
+            return self.ins.full()
         return True
 
     def pause(self) -> None:
@@ -229,7 +229,6 @@ class ProgressTracker:
         self.progress: dict[int, Progress] = {}
         self.votes: dict[int, bool] = {}
         self.max_inflight = max_inflight
-        self._matched: dict[int, int] = {}
 
     def apply_conf(self, conf: Configuration, progress: dict[int, Progress]) -> None:
         self.conf = conf

@@ -158,12 +158,6 @@ class RawNode:
         setattr(m, "from", r.id)
         r.step(m)
 
-    def propose_many(self, items: list[bytes]) -> None:
-        """Propose several normal entries as one batch (one append per follower)."""
-        m = pb.Message(msg_type=MsgPropose, entries=[pb.Entry(data=d) for d in items])
-        setattr(m, "from", self.raft.id)
-        self.raft.step(m)
-
     def propose_conf_change(self, cc: pb.ConfChangeV2, context: bytes = b"") -> None:
         m = pb.Message(
             msg_type=MsgPropose,
