@@ -165,6 +165,9 @@ def snapshot_is_empty(snap: pb.Snapshot | None) -> bool:
 
 
 class Raft:
+    """One node's Raft state machine (raft-rs `Raft`, etcd `raft`). Its fields follow, one
+    comment each: what it means, and which methods change it."""
+
     def __init__(
         self,
         config: Config,
@@ -173,50 +176,109 @@ class Raft:
         logger: logging.Logger | None = None,
     ) -> None:
         config.validate()
+        # ---- set here, never changed
+        # This node's id (Config.id); send() makes it the sender of messages that name none.
         self.id = config.id
-        # Keyword arguments for pb.Message(...): "from" is a Python keyword.
-        self._from = {"from": config.id}
+        # The Config it started with; _post_conf_change reads step_down_on_removal from it.
         self.config = config
+        # Where the core logs (_info/_debug/_warn); logging is its only side effect.
         self.logger = logger or logging.getLogger("raft")
+        # The only randomness: reset_randomized_election_timeout draws from it (paper §5.2).
         self.rng = rng or random.Random(config.id)
+        # The host's durable store: the core reads it (through `log`), only the host writes it.
         self.storage = storage
+        # Stored entries plus the unstable tail and the commit/persisted/applied marks; RaftLog moves them.
         self.log = RaftLog(storage, self.logger)
+        # Config, a Progress per member, votes: _start/restore/apply_conf_change, _reset, poll, step_leader.
         self.prs = ProgressTracker(config.max_inflight_msgs)
-        self.msgs: list[pb.Message] = []
-        self.term = 0
-        self.vote = 0
-        self.state = StateRole.Follower
-        self.leader_id = INVALID_ID
-        self.lead_transferee = INVALID_ID
-        # Index of the latest conf change appended by this leader; no new one until it is applied.
-        self.pending_conf_index = 0
-        self.pending_request_snapshot = 0
-        # (term, leader) last told that our log lost acknowledged entries: warn once each.
-        self._lost_log_reported: tuple[int, int] | None = None
-        # Messages dropped by message_fault() (see step()).
-        self.dropped_messages = 0
-        # Leader messages of our term from a node that is not its leader (_conflicting_leader).
-        self.conflicting_leaders = 0
-        self.promotable = False
+        # Config.check_quorum: a leader no quorum heard for an election timeout steps down (thesis §6.2).
         self.check_quorum = config.check_quorum
+        # Config.pre_vote: campaign with a pre-vote round first (thesis §9.6).
         self.pre_vote = config.pre_vote
+        # Config.election_tick: ticks without a leader before a campaign; also check-quorum's period.
         self.election_timeout = config.election_tick
+        # Config.heartbeat_tick: ticks between a leader's heartbeats.
         self.heartbeat_timeout = config.heartbeat_tick
+        # Range [min, max) of randomized_election_timeout (Config.min_election/max_election).
         self.min_election_timeout = config.min_election()
         self.max_election_timeout = config.max_election()
-        self.randomized_election_timeout = self.election_timeout
-        self.election_elapsed = 0
-        self.heartbeat_elapsed = 0
+        # Config.max_size_per_msg: byte budget of one append's entries (None: no limit).
         ms = config.max_size_per_msg
         self.max_msg_size: int | None = None if ms >= NO_LIMIT else ms
+        # Config.max_committed_size_per_ready: byte budget of one Ready's committed entries (None: no limit).
         mc = config.max_committed_size_per_ready
         self.max_committed_size: int | None = None if mc == 0 or mc >= NO_LIMIT else mc
-        self.skip_bcast_commit = config.skip_bcast_commit
-        # Appends are coalesced: proposals and commit advances mark the followers, and
-        # flush_appends() (called before a Ready is built) sends one batch per follower.
-        self._bcast_pending = False
+        # Config.lost_state: this node may have forgotten a vote; see the lost-state section below.
+        self.lost_state = config.lost_state
 
-        rs = storage.initial_state()
+        # ---- persistent state (paper Figure 2), reported in each Ready's hard state
+        # Current term: _reset moves it up (become_*), _load_state and _start set it from the store.
+        self.term = 0
+        # Whom we voted for in `term` (0: nobody): become_candidate, _handle_vote_request; _reset clears it.
+        self.vote = 0
+
+        # ---- role and volatile state
+        # Our role: only become_follower/become_candidate/become_pre_candidate/become_leader set it.
+        self.state = StateRole.Follower
+        # The leader of `term` we follow (0: none known): become_*, _reset, step_follower on a leader message.
+        self.leader_id = INVALID_ID
+        # Leader: whom leadership is handed to (0: none): _handle_transfer_leader, abort_leader_transfer.
+        self.lead_transferee = INVALID_ID
+        # Leader: last conf change appended, none new until applied: become_leader, _propose, commit_apply, _reset.
+        self.pending_conf_index = 0
+        # Follower: index it asked the leader a snapshot for (0: none): request_snapshot sets, restore clears.
+        self.pending_request_snapshot = 0
+        # A voter of the current configuration, so it may campaign: _post_conf_change.
+        self.promotable = False
+        # Messages for the next Ready: only send() appends, RawNode.ready() takes, _reset drops stale acks.
+        self.msgs: list[pb.Message] = []
+        # Leader: followers are due an append: bcast_append sets, flush_appends (each Ready) and _reset clear.
+        self._bcast_pending = False
+        # Config.skip_bcast_commit: no append only to tell a commit; RawNode.skip_bcast_commit switches it.
+        self.skip_bcast_commit = config.skip_bcast_commit
+
+        # ---- timers, in ticks
+        # This term's election timeout, drawn by reset_randomized_election_timeout (each _reset).
+        self.randomized_election_timeout = self.election_timeout
+        # Ticks since a reset: tick_* count; _reset, a leader's message, a granted vote, a transfer zero it.
+        self.election_elapsed = 0
+        # Leader: ticks since the last heartbeat: tick_heartbeat counts and zeroes it, _reset zeroes it.
+        self.heartbeat_elapsed = 0
+
+        # ---- counters and warn-once marks, for the host and the simulations
+        # (term, leader) last told our log lost acknowledged entries: _report_lost_log warns once each.
+        self._lost_log_reported: tuple[int, int] | None = None
+        # Messages dropped by message_fault() or RawNode.step's checks: _drop_message counts them.
+        self.dropped_messages = 0
+        # Leader messages of our term from a node that is not its leader: _conflicting_leader counts them.
+        self.conflicting_leaders = 0
+
+        # ---- lost state (Config.lost_state; docs/internals.md, "Lost state")
+        # Refusing all votes and campaigns: from Config, _lost_state_tick/_may_campaign_after_loss clear it.
+        self.withholding_votes = config.lost_state
+        # No vote in a term at or below it: _start sets it, _note_term_while_withholding raises it.
+        self.vote_floor = 0
+        # Ticks since the start (the core has no clock): _lost_state_tick counts them.
+        self._lost_ticks = 0
+        # (term, leader commit) to catch up to: _note_term_while_withholding, from the leader's first append.
+        self._lost_target: tuple[int, int] | None = None
+        # Candidate -> top term it asked our vote for: _note_term_while_withholding; _lost_state_tick clears.
+        self._witnessed: dict[int, int] = {}
+        # (term, index): an append of that term matched our log to there: _lost_state_commit_guard.
+        self._verified: tuple[int, int] = (0, 0)
+        # _lost_ticks of the last handover request, and how many were sent: _ask_leader_to_hand_over.
+        self._handover_at = 0
+        self._handovers = 0
+        # Votes and campaigns refused since the last log line: _vote_withheld, _may_campaign_after_loss.
+        self._withheld = 0
+        # _lost_ticks of that log line: _log_withheld.
+        self._withheld_logged_at = -(1 << 30)
+
+        self._start(config)
+
+    def _start(self, config: Config) -> None:
+        """Take up the configuration, hard state and applied index the store and config hold."""
+        rs = self.storage.initial_state()
         confchange.restore(self.prs, self.log.last_index(), rs.conf_state)
         self._post_conf_change()
         hs = rs.hard_state
@@ -234,7 +296,14 @@ class Raft:
             self.log.applied_to(min(config.applied, self.log.committed))
             self.log.applying = max(self.log.applying, self.log.applied)
         self.become_follower(self.term, INVALID_ID)
-        self._init_lost_state(config)
+        if self.lost_state:
+            self.vote_floor = max(self.term, self.log.last_term())
+            self._warn(
+                "lost state: withholding votes until this node has seen a leader elected and been caught up by it",
+                term=self.term,
+                vote_floor=self.vote_floor,
+                last_index=self.log.last_index(),
+            )
         self._info(
             "newRaft",
             term=self.term,
@@ -844,26 +913,6 @@ class Raft:
     # Afterwards it votes (and campaigns) only in terms above the floor. A leader elected
     # before the restart is asked to hand over (MsgTransferLeader), so that a witnessed
     # election happens without waiting for the next failure.
-
-    def _init_lost_state(self, config: Config) -> None:
-        self.lost_state = config.lost_state
-        self.withholding_votes = config.lost_state
-        self.vote_floor = max(self.term, self.log.last_term()) if config.lost_state else 0
-        self._lost_ticks = 0  # ticks since the start
-        self._lost_target: tuple[int, int] | None = None  # (term, leader commit) to catch up to
-        self._witnessed: dict[int, int] = {}  # candidate -> highest term of a vote request it sent us
-        self._verified: tuple[int, int] = (0, 0)  # (term, index): an append of that term matched our log to there
-        self._handover_at = 0  # ticks of the last handover request
-        self._handovers = 0
-        self._withheld = 0  # votes and campaigns refused since the last log line
-        self._withheld_logged_at = -(1 << 30)
-        if config.lost_state:
-            self._warn(
-                "lost state: withholding votes until this node has seen a leader elected and been caught up by it",
-                term=self.term,
-                vote_floor=self.vote_floor,
-                last_index=self.log.last_index(),
-            )
 
     def _note_term_while_withholding(self, m: pb.Message) -> None:
         t = m.msg_type
