@@ -600,13 +600,13 @@ class Raft:
         self.lead_transferee = INVALID_ID
 
     def has_unapplied_conf_changes(self) -> bool:
-        lo = self.log.applied + 1
-        hi = self.log.committed + 1
-        if lo >= hi:
-            return False
+        return self._has_conf_change_in(self.log.applied + 1, self.log.committed + 1)
+
+    def _has_conf_change_in(self, lo: int, hi: int) -> bool:
+        """Whether the log's entries [lo, hi) hold a conf change (compacted ones count as none)."""
         try:
             ents = self.log.slice(max(lo, self.log.first_index()), hi)
-        except (Compacted, RaftError):
+        except RaftError:
             return False
         return any(e.entry_type != pb.EntryNormal for e in ents)
 
@@ -896,11 +896,7 @@ class Raft:
             return
         # A candidate must not win with a committed but unapplied conf change (thesis §4.1):
         # step down, as raft-rs does.
-        try:
-            ents = self.log.slice(max(last_commit + 1, self.log.first_index()), self.log.committed + 1)
-        except RaftError:
-            ents = []
-        if any(e.entry_type != pb.EntryNormal for e in ents):
+        if self._has_conf_change_in(last_commit + 1, self.log.committed + 1):
             self.become_follower(self.term, INVALID_ID)
 
     # ---- lost state (docs/internals.md, "Lost state") -------------------------------

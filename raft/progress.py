@@ -241,12 +241,8 @@ class ProgressTracker:
         prs = self.progress
         c = self.conf
         if not c.outgoing:
-            # Hot path: one majority config.
-            n = len(c.incoming)
-            if n == 0:
-                return quorum.INF_INDEX
-            srt = sorted([prs[v].matched for v in c.incoming], reverse=True)
-            return srt[n // 2]
+            # Hot path: one majority config, no dict of matches to build.
+            return quorum.majority_index([prs[v].matched for v in c.incoming])
         matched = {pid: pr.matched for pid, pr in prs.items()}
         return quorum.joint_committed_index(c.incoming, c.outgoing, matched)
 

@@ -20,18 +20,20 @@ class VoteResult(IntEnum):
     Won = 2
 
 
-def majority_committed_index(voters: Iterable[int], matched: Mapping[int, int]) -> int:
-    """Largest index acknowledged by a majority of `voters` (missing ids count as 0)."""
-    ids = voters if isinstance(voters, (set, frozenset, list, tuple)) else list(voters)
-    n = len(ids)
+def majority_index(acked: list[int]) -> int:
+    """Largest index a majority reached, given each voter's acknowledged index."""
+    n = len(acked)
     if n == 0:
         return INF_INDEX
-    get = matched.get
     if n == 1:
-        for v in ids:
-            return get(v, 0)
-    srt = sorted([get(v, 0) for v in ids], reverse=True)
-    return srt[n // 2]
+        return acked[0]
+    return sorted(acked, reverse=True)[n // 2]
+
+
+def majority_committed_index(voters: Iterable[int], matched: Mapping[int, int]) -> int:
+    """Largest index acknowledged by a majority of `voters` (missing ids count as 0)."""
+    get = matched.get
+    return majority_index([get(v, 0) for v in voters])
 
 
 def majority_vote_result(voters: Iterable[int], votes: Mapping[int, bool]) -> VoteResult:
