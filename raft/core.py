@@ -2,11 +2,11 @@
 commit, snapshots, leader transfer and membership, speaking raft-rs's eraftpb messages.
 
 Theory of operation. `Raft` is deterministic and does no I/O: inputs are `tick()` and
-`step(msg)`; outputs accumulate in `self.msgs` and in the log's unstable tail, which
-RawNode turns into Ready batches. Every field sent or read has raft-rs's meaning, so a
-node of this project and a raft-rs node can sit in one group. Randomness only comes from
-the injected rng (election timeouts). Protocol rules cite the Raft paper ("§5.x") or
-Ongaro's thesis ("thesis §x").
+`step(msg)`; outputs accumulate in `self.msgs` (every message through `send()`) and in
+the log's unstable tail, which RawNode turns into Ready batches. Every field sent or read
+has raft-rs's meaning, so a node of this project and a raft-rs node can sit in one group.
+Randomness only comes from the injected rng (election timeouts). Protocol rules cite the
+Raft paper ("§5.x") or Ongaro's thesis ("thesis §x").
 
 Names follow etcd/raft-rs: become_* (role changes), step_* (per-role message handling),
 maybe_* (conditional, returns bool), send_*/bcast_* (queue outgoing messages).
