@@ -30,16 +30,6 @@ class Unstable:
         self.entries: list[pb.Entry] = []
         self.offset = offset
 
-    def maybe_first_index(self) -> int | None:
-        return self.snapshot.metadata.index + 1 if self.snapshot is not None else None
-
-    def maybe_last_index(self) -> int | None:
-        if self.entries:
-            return self.offset + len(self.entries) - 1
-        if self.snapshot is not None:
-            return self.snapshot.metadata.index
-        return None
-
     def maybe_term(self, index: int) -> int | None:
         if index < self.offset:
             if self.snapshot is not None and self.snapshot.metadata.index == index:
