@@ -159,7 +159,8 @@ class DiskStorage:
             seed.conf_state,
             checkpoint_records(seed.applied, seed.abort_height),
         )
-        WalWriter.create(os.path.join(tmp, "wal"), 1, head + seed.records, self.segment_bytes, self.log, []).close()
+        wal_dir = os.path.join(tmp, "wal")
+        WalWriter.create(wal_dir, 1, head + seed.records, self.segment_bytes, self.log, []).close()
         fsync_dir(os.path.join(tmp, "snap"))
         fsync_dir(tmp)
         os.rename(tmp, self.root)
@@ -218,7 +219,9 @@ class DiskStorage:
         """Make the repairs the plan lists, durably and in its order, then take its state."""
         wal_dir = os.path.join(self.root, "wal")
         if plan.remove_segment is not None:
-            self.log.warning("wal: removing %s, left empty by a crash while it was created", plan.remove_segment)
+            self.log.warning(
+                "wal: removing %s, left empty by a crash while it was created", plan.remove_segment
+            )
             os.unlink(plan.remove_segment)
             fsync_dir(wal_dir)
         for fmt, args in plan.warnings:
@@ -474,7 +477,8 @@ class DiskStorage:
             return
         if conf_state is not None:
             self._conf_state = _copy(conf_state)
-        self._writer.add(Kind.APPLIED, self.service_state.applied_record(self._conf_state).SerializeToString())
+        record = self.service_state.applied_record(self._conf_state)
+        self._writer.add(Kind.APPLIED, record.SerializeToString())
 
     def applied_index(self) -> int:
         return self.service_state.applied_index()

@@ -210,7 +210,9 @@ class _Replay:
             raise _corrupt(path, offset, f"undecodable SEGMENT record with a valid checksum ({err})") from err
         marker_seq = _U64.unpack(marker.data)[0] if len(marker.data) == 8 else -1
         if marker_seq != scan.seq:
-            raise _corrupt(path, offset, f"SEGMENT record says seq {marker_seq}: the file was renamed or copied")
+            raise _corrupt(
+                path, offset, f"SEGMENT record says seq {marker_seq}: the file was renamed or copied"
+            )
         if first:
             self.base, self.base_term = marker.index, marker.term
         else:
@@ -244,7 +246,9 @@ class _Replay:
                     e = entry_from(payload)
                     if e.index != base + len(entries) + 1:
                         raise _corrupt(
-                            path, offset, f"entry index={e.index} does not follow last index={base + len(entries)}"
+                            path,
+                            offset,
+                            f"entry index={e.index} does not follow last index={base + len(entries)}",
                         )
                     entries.append(e)
                 elif kind == k_hardstate:
