@@ -483,42 +483,6 @@ class WalWriter:
             os.close(self._fd)
             self._fd = None
 
-    def simulate_crash(
-        self, torn_bytes: int = 0, garbage: bytes = b"", hole: tuple[int, int] | None = None
-    ) -> None:
-        """Test helper: lose what a power cut would lose, then close.
-
-        Drops the buffer and cuts the active segment back to the last fsynced
-        offset, keeping `torn_bytes` of the unsynced data (a partial write)
-        and then `garbage` (e.g. zeros); `hole` = (start, length) within the
-        kept unsynced bytes is zeroed, widened to whole sectors (pages persisted
-        out of order: a crash state, so recovery cuts it without
-        recovery_lost_synced). Earlier
-        segments were synced before rotation, so they are untouched.
-        """
-        pending = bytes(self._buf)
-        self._buf.clear()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        with open(self._path, "rb") as f:
-            f.seek(self.synced_offset)
-            unsynced = f.read() + pending
-        keep = bytearray(unsynced[: max(0, min(torn_bytes, len(unsynced)))])
-        if hole is not None:
-            # A disk persists or loses whole sectors: widen the hole to the sectors it
-            # touches, in file offsets (the unsynced bytes start at synced_offset).
-            start, length = hole
-            base = self.synced_offset
-            lo = max(0, (base + start) // SECTOR * SECTOR - base)
-            hi = -(-(base + start + length) // SECTOR) * SECTOR - base
-            keep[lo:hi] = bytes(len(keep[lo:hi]))
-        with open(self._path, "r+b") as f:
-            f.truncate(self.synced_offset)
-            f.seek(self.synced_offset)
-            f.write(keep + garbage)
-        self.failed = DiskFailure("storage crashed (simulated)")
-
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)

@@ -19,6 +19,7 @@ from raft.disk import STORE_DIR, DiskStorage
 from raft.errors import Compacted, DiskFailure, SnapshotTemporarilyUnavailable, StorageError, Unavailable
 from raft.storage import MemoryStorage
 from raft.wal import list_segments
+from tests.crash_sim import simulate_crash
 
 LOG = logging.getLogger("test.disk")
 
@@ -199,7 +200,7 @@ def test_unsynced_writes_are_lost_in_a_crash_synced_ones_are_not(store):
     store.sync()
     store.append(ents(6, 9, 1))
     store.set_hardstate(pb.HardState(term=2, vote=1, commit=2))
-    store.simulate_crash()
+    simulate_crash(store)
     s = DiskStorage.open(store.path, logger=LOG)
     try:
         assert s.last_index() == 5
@@ -210,7 +211,7 @@ def test_unsynced_writes_are_lost_in_a_crash_synced_ones_are_not(store):
 
 def test_set_abort_height_is_durable_at_once(store):
     store.set_abort_height(1234)
-    store.simulate_crash()
+    simulate_crash(store)
     s = DiskStorage.open(store.path, logger=LOG)
     assert s.abort_height() == 1234
     s.close()
@@ -417,7 +418,7 @@ def test_disk_matches_memory_storage_on_random_sequences(fast_dir, seed):
             if op in ("reopen", "crash"):
                 if op == "crash" and not snapshot_since_sync:
                     # Power cut now: everything after the last sync() is gone.
-                    disk.simulate_crash()
+                    simulate_crash(disk)
                     mem = copy.deepcopy(synced)
                 else:
                     disk.close()  # close() syncs
@@ -465,7 +466,7 @@ def test_torn_crash_keeps_everything_synced_and_only_whole_entries(fast_dir, see
             apply_op(disk, op, arg)
             if op == "append":
                 written.update(e.SerializeToString() for e in arg)
-    disk.simulate_crash(rng)
+    simulate_crash(disk, rng)
     disk = DiskStorage.open(path, logger=LOG)
     try:
         hs, commit = disk.initial_state().hard_state, synced.hard_state.commit

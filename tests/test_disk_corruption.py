@@ -14,6 +14,7 @@ from cita_raft_pb import eraftpb_pb2 as pb
 from raft.disk import DiskStorage
 from raft.errors import CorruptLog
 from raft.wal import HEADER_SIZE, Kind, WalWriter, list_segments, scan_segment
+from tests.crash_sim import simulate_crash
 
 LOG = logging.getLogger("test.corruption")
 
@@ -380,7 +381,7 @@ def test_snapshot_installed_but_wal_record_lost_is_adopted(tmp_path):
     snap = pb.Snapshot(data=b"cfg", metadata=pb.SnapshotMetadata(index=40, term=2))
     snap.metadata.conf_state.voters.extend([1, 2])
     s.apply_snapshot(snap)  # the file is durable at once, the WAL record is not yet
-    s.simulate_crash()
+    simulate_crash(s)
     s = open_ok(path)
     try:
         assert (s.first_index(), s.last_index()) == (41, 40)
@@ -466,7 +467,7 @@ def test_entries_kept_without_their_hard_state_lift_the_term(tmp_path, caplog):
         def randint(self, lo: int, hi: int) -> int:
             return hi - 3
 
-    s.simulate_crash(TornInTheHardState())
+    simulate_crash(s, TornInTheHardState())
     with caplog.at_level(logging.WARNING):
         s = open_ok(path)
     assert s.last_index() == 5

@@ -24,6 +24,7 @@ from raft.wal import (
     scan_segment,
     segment_name,
 )
+from tests.crash_sim import crash_wal
 
 LOG = logging.getLogger("test.wal")
 
@@ -191,7 +192,7 @@ def test_simulate_crash_drops_unsynced_bytes(tmp_path):
     w.add(Kind.ENTRY, b"written but not synced")
     w.flush()
     w.add(Kind.ENTRY, b"only buffered")
-    w.simulate_crash()
+    crash_wal(w)
     assert os.path.getsize(tmp_path / segment_name(1)) == synced
     with pytest.raises(DiskFailure):
         w.add(Kind.ENTRY, b"x") or w.sync()
@@ -202,7 +203,7 @@ def test_simulate_crash_can_leave_a_torn_record(tmp_path):
     w.add(Kind.ENTRY, b"durable")
     w.sync()
     w.add(Kind.ENTRY, b"z" * 100)
-    w.simulate_crash(torn_bytes=50, garbage=bytes(7))
+    crash_wal(w, torn_bytes=50, garbage=bytes(7))
     scan = scan_segment(1, str(tmp_path / segment_name(1)))
     assert scan.damage is not None and scan.acknowledged_after is None
     assert [p for _, p, _ in scan.records][-1] == b"durable"

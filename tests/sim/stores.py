@@ -216,14 +216,14 @@ class MemoryBackend:
 
 def scratch_dir() -> str | None:
     """Where DiskStorage directories go: tmpfs when there is one. The simulation's
-    crashes are simulate_crash(), not power cuts, so real fsyncs buy nothing here
+    crashes are tests/crash_sim.simulate_crash(), not power cuts, so real fsyncs buy nothing here
     and cost 0.1-10 ms each on a busy disk."""
     shm = "/dev/shm"
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
 
 
 class DiskBackend:
-    """raft.disk.DiskStorage in a temp dir; crash = `simulate_crash()` (the unsynced
+    """raft.disk.DiskStorage in a temp dir; crash = `crash_sim.simulate_crash()` (the unsynced
     tail is lost, sometimes with a torn prefix of it left behind) and reopen.
 
     Without that hook, every `sync()` copies the directory and a crash reopens
@@ -243,7 +243,7 @@ class DiskBackend:
         self.synced_path = os.path.join(self.root, "synced")
         self.logger = logging.getLogger(f"sim.disk{node_id}")
         self.storage: Any = DiskStorage.open(self.path, logger=self.logger)
-        self._hook = hasattr(self.storage, "simulate_crash")
+        self._hook = True  # tests/crash_sim.simulate_crash works on every DiskStorage
         self._install_sync_copy()
 
     def _install_sync_copy(self) -> None:
@@ -282,7 +282,9 @@ class DiskBackend:
 
     def crash(self) -> None:
         if self._hook:
-            self.storage.simulate_crash(self.rng)
+            from tests.crash_sim import simulate_crash
+
+            simulate_crash(self.storage, self.rng)
         else:
             try:
                 self.storage.close()
