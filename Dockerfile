@@ -19,6 +19,7 @@ COPY requirements.txt pyproject.toml README.md consensus.py ./
 COPY protos/ protos/
 COPY raft/ raft/
 COPY scripts/ scripts/
+COPY cita_raft_tools/ cita_raft_tools/
 
 # The build context has no .git: the hash comes in as a build argument.
 ARG GIT_HASH=unknown

@@ -13,6 +13,14 @@ block h takes effect from h+1 (§1.4).
 The chain file is JSON lines, one committed block per line, appended and
 fsynced before CommitBlock answers; a torn last line (crash mid-write) is cut
 off on load. This module holds pure rules and file I/O only, no gRPC.
+
+The height rules of CommitBlock and CheckProposal and the configuration every
+reply carries are the same for the in-process fake controller of the service
+tests (tests/service/fakes.py): both use `commit_route`,
+`proposal_height_code` and `consensus_config` from here. What differs stays
+with each: the block format (hash-linked ProposalInner here, a short text
+block there), where blocks live, how validator changes arrive (system txs
+here, a height schedule there), faults and block sync.
 """
 from __future__ import annotations
 
@@ -43,6 +51,44 @@ CODE_NAMES = {0: "Success", 112: "NoneProposal", 113: "NoneBlockBody", 114: "Non
               139: "NodeInSyncMode", 200: "ConsensusServerNotReady"}
 
 SYSTEM_TX_PREFIX = b"devnet/validators:"
+
+# What CommitBlock of a height is, at a chain height (commit_route).
+PING, STORED, GAP, NEXT = "ping", "stored", "gap", "next"
+
+
+def commit_route(height: int, current: int) -> str:
+    """CommitBlock of `height` at chain height `current` (§1.2): PING (height 2^64-1: answer
+    the current configuration, commit nothing), STORED (at or below current: idempotent
+    SUCCESS), GAP (above current+1: PROPOSAL_TOO_HIGH, and the controller syncs) or NEXT
+    (current+1: check the block, then append it)."""
+    if height == U64_MAX:
+        return PING
+    if height <= current:
+        return STORED
+    if height > current + 1:
+        return GAP
+    return NEXT
+
+
+def proposal_height_code(height: int, current: int) -> tuple[int, str]:
+    """CheckProposal's height check at chain height `current`: (code, why)."""
+    if height <= current:
+        return PROPOSAL_TOO_LOW, f"height {height} <= current {current}"
+    if height > current + 1:
+        return PROPOSAL_TOO_HIGH, f"height {height} > current+1 {current + 1}"
+    return SUCCESS, "ok"
+
+
+def consensus_config(height: int, block_interval: int,
+                     validators: list[bytes]) -> common_pb2.ConsensusConfiguration:
+    """The configuration every CommitBlock reply (and Reconfigure) carries: the validators
+    in effect after `height`."""
+    return common_pb2.ConsensusConfiguration(height=height, block_interval=block_interval,
+                                             validators=validators)
+
+
+def config_reply(code: int, config: common_pb2.ConsensusConfiguration) -> common_pb2.ConsensusConfigurationResponse:
+    return common_pb2.ConsensusConfigurationResponse(status=common_pb2.StatusCode(code=code), config=config)
 
 
 def now_ms() -> int:
@@ -215,10 +261,9 @@ class Chain:
         header = inner.proposal.header
         if header.height != height:
             return PROPOSAL_CHECK_ERROR, f"header height {header.height} != proposal height {height}"
-        if height <= self.height:
-            return PROPOSAL_TOO_LOW, f"height {height} <= current {self.height}"
-        if height > self.height + 1:
-            return PROPOSAL_TOO_HIGH, f"height {height} > current+1 {self.height + 1}"
+        code, why = proposal_height_code(height, self.height)
+        if code != SUCCESS:
+            return code, why
         if inner.pre_state_root != state_root(self.tip_hash) or header.prevhash != self.tip_hash:
             return PROPOSAL_CHECK_ERROR, f"parent mismatch at height {height}"
         if header.proposer.hex() not in self.validators:

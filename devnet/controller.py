@@ -34,13 +34,18 @@ from cita_raft_pb import common_pb2, consensus_pb2_grpc, controller_pb2_grpc
 from . import admin
 from .chain import (
     CODE_NAMES,
+    GAP,
     NODE_IN_SYNC_MODE,
+    PING,
     PROPOSAL_TOO_HIGH,
+    STORED,
     SUCCESS,
-    U64_MAX,
     Block,
     Chain,
     build_proposal,
+    commit_route,
+    config_reply,
+    consensus_config,
     decode_proposal,
     header_hash,
     system_tx,
@@ -85,9 +90,7 @@ class SimController(controller_pb2_grpc.Consensus2ControllerServiceServicer):
 
     # ---- helpers -----------------------------------------------------------------
     def config(self, height: int) -> common_pb2.ConsensusConfiguration:
-        return common_pb2.ConsensusConfiguration(
-            height=height, block_interval=self.chain.block_interval,
-            validators=[bytes.fromhex(v) for v in self.chain.validators])
+        return consensus_config(height, self.chain.block_interval, [bytes.fromhex(v) for v in self.chain.validators])
 
     def is_validator(self) -> bool:
         return self.address.hex() in self.chain.validators
@@ -157,16 +160,17 @@ class SimController(controller_pb2_grpc.Consensus2ControllerServiceServicer):
             # The real controller answers gRPC INTERNAL here, which callers retry.
             await context.abort(grpc.StatusCode.INTERNAL, "proposal is none")
         height = request.proposal.height
-        if height == U64_MAX:
+        if commit_route(height, self.chain.height) == PING:
             self.counts["ping"] += 1
             return self._reply(SUCCESS, self.chain.height)
         self.counts["commit"] += 1
         await self.inject_faults(context, "CommitBlock")
         current = self.chain.height
-        if height <= current:
+        route = commit_route(height, current)
+        if route == STORED:
             self._check_same(height, request.proposal.data)
             return self._reply(SUCCESS, height)
-        if height > current + 1:
+        if route == GAP:
             log.info("CommitBlock height=%d current=%d -> %s, will sync", height, current,
                      code_name(PROPOSAL_TOO_HIGH))
             self.sync_now.set()
@@ -179,8 +183,7 @@ class SimController(controller_pb2_grpc.Consensus2ControllerServiceServicer):
         return self._reply(SUCCESS, height)
 
     def _reply(self, code: int, height: int) -> common_pb2.ConsensusConfigurationResponse:
-        return common_pb2.ConsensusConfigurationResponse(status=common_pb2.StatusCode(code=code),
-                                                         config=self.config(height))
+        return config_reply(code, self.config(height))
 
     def _append(self, block: Block, how: str) -> None:
         self.chain.append(block)

@@ -34,6 +34,7 @@ python3Packages.buildPythonApplication {
       ../raft
       ../protos
       ../scripts
+      ../cita_raft_tools
       ../tests
       ../example
       ../devnet

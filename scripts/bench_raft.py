@@ -19,10 +19,30 @@ import sys
 import time
 from pathlib import Path
 
+# The repo root: `raft`, and the Ready driver the test hosts share (tests/ready_driver.py).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cita_raft_pb import eraftpb_pb2 as pb  # noqa: E402
 from raft import Config, MemoryStorage, RawNode, StateRole  # noqa: E402
+from tests.ready_driver import StorageHost, handle_ready  # noqa: E402
+
+
+class _Host(StorageHost):
+    """One node's part of the Ready loop (tests/ready_driver.py): MemoryStorage, messages
+    to the cluster's inbox, nothing to apply but the applied index."""
+
+    def __init__(self, cluster: Cluster, nid: int) -> None:
+        super().__init__(cluster.stores[nid])
+        self.cluster = cluster
+        self.nid = nid
+
+    def send(self, msgs: list[pb.Message]) -> None:
+        self.cluster.deliver(msgs)
+
+    def apply(self, entries: list[pb.Entry]) -> int:
+        last = entries[-1].index
+        self.cluster.applied[self.nid] = last
+        return last
 
 
 class Cluster:
@@ -41,6 +61,7 @@ class Cluster:
             )
             for i in ids
         }
+        self.hosts = {i: _Host(self, i) for i in ids}
         self.inbox: list[pb.Message] = []
         self.steps = 0
         self.step_time = 0.0
@@ -59,24 +80,7 @@ class Cluster:
             self.inbox.extend(msgs)
 
     def handle(self, nid: int, node: RawNode) -> bool:
-        if not node.has_ready():
-            return False
-        rd = node.ready()
-        self.deliver(rd.messages)
-        st = self.stores[nid]
-        if rd.snapshot is not None:
-            st.apply_snapshot(rd.snapshot)
-        if rd.entries:
-            st.append(rd.entries)
-        if rd.hard_state is not None:
-            st.set_hardstate(rd.hard_state)
-        self.deliver(rd.persisted_messages)
-        node.advance(rd)
-        if rd.committed_entries:
-            last = rd.committed_entries[-1].index
-            node.advance_apply_to(last)
-            self.applied[nid] = last
-        return True
+        return handle_ready(node, self.hosts[nid])
 
     def run(self) -> None:
         """Host loop: handle the Readies of nodes that got input, deliver, repeat until quiet."""

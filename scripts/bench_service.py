@@ -35,6 +35,7 @@ import grpc  # noqa: E402
 from devnet import procs  # noqa: E402
 from devnet.chain import read_chain  # noqa: E402
 from devnet.ops import Devnet  # noqa: E402
+from tests.waiting import wait_for  # noqa: E402
 
 FAST = {"tick_ms": 50, "heartbeat_tick": 2, "election_tick": 10}
 DEFAULT = {"tick_ms": 200, "heartbeat_tick": 15, "election_tick": 50}
@@ -148,13 +149,8 @@ def start_devnet(d: str, nodes: int, block_interval: int, ticks: dict) -> tuple[
 
 
 def wait_until(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+    """tests/waiting.wait_for, unscaled (a benchmark's bounds are its own), raising TimeoutError."""
+    return wait_for(cond, timeout, what, interval=0.05, error=TimeoutError)
 
 
 def cluster_run(base: str, nodes: int, block_interval: int, window: float, ticks: dict) -> dict:

@@ -41,6 +41,7 @@ from cita_raft_pb import eraftpb_pb2 as pb
 from raft import Config, MemoryStorage, RawNode, StateRole
 from raft.core import VALUE_LIMIT, message_fault
 from raft.errors import RaftError, RaftInvariantError
+from tests.ready_driver import StorageHost, drain
 
 U64_MAX = (1 << 64) - 1
 IDS = (1, 2, 3)
@@ -73,6 +74,39 @@ class Stats:
     undecodable: int = 0
     leaders: int = 0
     max_commit: int = 0
+
+
+class _FuzzHost(StorageHost):
+    """One node's Readies (tests/ready_driver.py): MemoryStorage, every message to the
+    fuzzer's queue (through the wire) and history, node checks after each Ready."""
+
+    def __init__(self, fuzzer: Fuzzer, n: FNode) -> None:
+        super().__init__(n.storage)
+        self.fuzzer = fuzzer
+        self.n = n
+
+    def send(self, msgs: list[pb.Message]) -> None:
+        f = self.fuzzer
+        for m in msgs:
+            f.history.append(m)
+            f.queue.append(pb.Message.FromString(m.SerializeToString()))
+
+    def apply(self, entries: list[pb.Entry]) -> int:
+        n = self.n
+        for e in entries:
+            if e.entry_type == pb.EntryConfChangeV2:
+                try:
+                    cc = pb.ConfChangeV2.FromString(e.data)
+                    cs = n.raw.apply_conf_change(cc)
+                    n.storage.set_conf_state(cs)
+                except (RaftError, DecodeError):
+                    pass  # what the service does: log it and keep the old config
+            elif e.data:
+                n.data.append(e.data)
+        return entries[-1].index
+
+    def after_advance(self) -> None:
+        self.fuzzer.check_node(self.n)
 
 
 class Fuzzer:
@@ -117,35 +151,7 @@ class Fuzzer:
         self.queue = deque(m for m in self.queue if m.to != nid)
 
     def handle_ready(self, n: FNode) -> None:
-        raw = n.raw
-        while raw.has_ready():
-            rd = raw.ready()
-            st = n.storage
-            if rd.snapshot is not None:
-                st.apply_snapshot(rd.snapshot)
-            if rd.entries:
-                st.append(rd.entries)
-            if rd.hard_state is not None:
-                st.set_hardstate(rd.hard_state)
-            for m in rd.messages + rd.persisted_messages:
-                self.history.append(m)
-                self.queue.append(pb.Message.FromString(m.SerializeToString()))
-            last = 0
-            for e in rd.committed_entries:
-                if e.entry_type == pb.EntryConfChangeV2:
-                    try:
-                        cc = pb.ConfChangeV2.FromString(e.data)
-                        cs = raw.apply_conf_change(cc)
-                        st.set_conf_state(cs)
-                    except (RaftError, DecodeError):
-                        pass  # what the service does: log it and keep the old config
-                elif e.data:
-                    n.data.append(e.data)
-                last = e.index
-            raw.advance(rd)
-            if last:
-                raw.advance_apply_to(last)
-            self.check_node(n)
+        drain(n.raw, _FuzzHost(self, n))
 
     def step(self, n: FNode, m: pb.Message) -> bool:
         """Step `m` into `n`; False if the node stopped (RaftInvariantError, hostile only)."""

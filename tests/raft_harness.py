@@ -1,8 +1,8 @@
 """A tiny deterministic in-memory network of RawNodes for the raft unit tests.
 
-Each node has a MemoryStorage; `Network.settle()` plays the host loop (persist each Ready,
-send its messages, apply committed entries, advance) and delivers messages until nothing
-moves. Messages travel as bytes (serialized and parsed again) so the wire format is
+Each node has a MemoryStorage; `Network.settle()` plays the host loop (each Ready through
+tests/ready_driver.py: send, persist, apply committed entries, advance) and delivers
+messages until nothing moves. Messages travel as bytes (serialized and parsed again) so the wire format is
 exercised. Faults: drop(from, to, p), cut(a, b), isolate(id), recover(). No clock, no I/O.
 """
 
@@ -15,6 +15,7 @@ from collections import deque
 from cita_raft_pb import eraftpb_pb2 as pb
 from raft import Config, MemoryStorage, RawNode, StateRole
 from raft.errors import RaftError
+from tests.ready_driver import StorageHost, handle_ready
 
 
 def msg(msg_type: int, frm: int, to: int, term: int, **kw) -> pb.Message:
@@ -45,10 +46,11 @@ def conf_change(*changes: tuple[str, int], transition: int = pb.Auto) -> pb.Conf
     return cc
 
 
-class Node:
+class Node(StorageHost):
     def __init__(self, nid: int, storage: MemoryStorage, config: Config, seed: int, logger: logging.Logger) -> None:
+        super().__init__(storage)
         self.id = nid
-        self.storage = storage
+        self.net: Network | None = None  # set by the Network that runs this node
         self.config = config
         self.raw = RawNode(config, storage, rng=random.Random(seed), logger=logger)
         self.applied: list[pb.Entry] = []  # every committed entry handed out, in order
@@ -64,6 +66,35 @@ class Node:
 
     def normal_data(self) -> list[bytes]:
         return [d for _, d in self.data]
+
+    # ---- the Ready hooks (tests/ready_driver.py) ---------------------------------------
+
+    def send(self, msgs: list[pb.Message]) -> None:
+        self.net.send(msgs)
+
+    def persist_snapshot(self, snap: pb.Snapshot) -> None:
+        self.storage.apply_snapshot(snap)
+        self.data = decode_state(snap.data)
+        self.snapshots_installed += 1
+
+    def apply(self, entries: list[pb.Entry]) -> int:
+        if self.id in self.net.deferred_apply:
+            # Asynchronous applier: entries are handed out now, applied when the test says so.
+            self.to_apply.extend(entries)
+            return 0
+        self.apply_now(entries)
+        return entries[-1].index
+
+    def apply_now(self, entries: list[pb.Entry]) -> None:
+        for e in entries:
+            self.applied.append(e)
+            if e.entry_type == pb.EntryNormal and e.data:
+                self.data.append((e.index, e.data))
+            if e.entry_type == pb.EntryConfChangeV2:
+                cc = pb.ConfChangeV2.FromString(e.data)
+                cs = self.raw.apply_conf_change(cc)
+                self.storage.set_conf_state(cs)
+                self.conf_states.append(cs)
 
 
 def encode_state(data: list[tuple[int, bytes]]) -> bytes:
@@ -113,8 +144,13 @@ class Network:
             storage = MemoryStorage.new_with_conf_state(list(voters) if voters else [])
         c = dict(self.cfg)
         c.update(cfg)
-        node = Node(nid, storage, Config(id=nid, **c), seed=self.seed * 1000 + nid, logger=self.logger)
+        node = self._new_node(nid, storage, c, seed=self.seed * 1000 + nid)
         self.nodes[nid] = node
+        return node
+
+    def _new_node(self, nid: int, storage: MemoryStorage, cfg: dict, seed: int) -> Node:
+        node = Node(nid, storage, Config(id=nid, **cfg), seed=seed, logger=self.logger)
+        node.net = self
         return node
 
     def restart(self, nid: int, **cfg) -> Node:
@@ -123,7 +159,7 @@ class Network:
         c = dict(self.cfg)
         c.update(cfg)
         c["applied"] = old.raft.log.applied
-        node = Node(nid, old.storage, Config(id=nid, **c), seed=self.seed * 1000 + nid + 7, logger=self.logger)
+        node = self._new_node(nid, old.storage, c, seed=self.seed * 1000 + nid + 7)
         node.applied = old.applied[: c["applied"] - (old.applied[0].index - 1) if old.applied else 0]
         self.nodes[nid] = node
         return node
@@ -138,7 +174,7 @@ class Network:
         c = dict(self.cfg)
         c.update(cfg)
         self.queue = deque(m for m in self.queue if m.to != nid)
-        node = Node(nid, storage, Config(id=nid, **c), seed=self.seed * 1000 + nid + 13, logger=self.logger)
+        node = self._new_node(nid, storage, c, seed=self.seed * 1000 + nid + 13)
         self.nodes[nid] = node
         return node
 
@@ -183,49 +219,13 @@ class Network:
             self.queue.append(m)
 
     def handle_ready(self, node: Node) -> bool:
-        raw = node.raw
-        if not raw.has_ready():
-            return False
-        rd = raw.ready()
-        self.send(rd.messages)
-        st = node.storage
-        if rd.snapshot is not None:
-            st.apply_snapshot(rd.snapshot)
-            node.data = decode_state(rd.snapshot.data)
-            node.snapshots_installed += 1
-        if rd.entries:
-            st.append(rd.entries)
-        if rd.hard_state is not None:
-            st.set_hardstate(rd.hard_state)
-        st.sync()
-        self.send(rd.persisted_messages)
-        if node.id in self.deferred_apply:
-            # Asynchronous applier: entries are handed out now, applied when the test says so.
-            node.to_apply.extend(rd.committed_entries)
-            raw.advance(rd)
-            return True
-        self._apply(node, rd.committed_entries)
-        raw.advance(rd)
-        if rd.committed_entries:
-            raw.advance_apply_to(rd.committed_entries[-1].index)
-        return True
-
-    def _apply(self, node: Node, entries: list[pb.Entry]) -> None:
-        for e in entries:
-            node.applied.append(e)
-            if e.entry_type == pb.EntryNormal and e.data:
-                node.data.append((e.index, e.data))
-            if e.entry_type == pb.EntryConfChangeV2:
-                cc = pb.ConfChangeV2.FromString(e.data)
-                cs = node.raw.apply_conf_change(cc)
-                node.storage.set_conf_state(cs)
-                node.conf_states.append(cs)
+        return handle_ready(node.raw, node)
 
     def apply_pending(self, nid: int) -> None:
         """The deferred applier of `nid` finishes everything handed out so far."""
         node = self.nodes[nid]
         entries, node.to_apply = node.to_apply, []
-        self._apply(node, entries)
+        node.apply_now(entries)
         if entries:
             node.raw.advance_apply_to(entries[-1].index)
         self.settle()

@@ -25,25 +25,20 @@ from devnet import cli
 from devnet.layout import origin_of
 from devnet.network import partition_cuts
 from devnet.ops import Devnet
+from tests import waiting
 
 U64_MAX = 2**64 - 1
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# TEST_WAIT_SCALE multiplies every bound (default 4, as in tests/service): a
-# passing wait returns as soon as its condition holds.
-WAIT_SCALE = float(os.environ.get("TEST_WAIT_SCALE", "4"))
+# Bounded waits (tests/waiting.py): TEST_WAIT_SCALE multiplies every bound (default 4,
+# as in tests/service); a passing wait returns as soon as its condition holds.
+WAIT_SCALE = waiting.wait_scale(4)
 
 
 def wait_for(cond, timeout: float, what: str):
-    timeout *= WAIT_SCALE
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    """tests/waiting.wait_for with this module's scale."""
+    return waiting.wait_for(cond, timeout, what, scale=WAIT_SCALE, interval=0.02)
 
 
 # ---------------------------------------------------------------------------

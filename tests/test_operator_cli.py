@@ -1,6 +1,6 @@
 """The documented commands work from a checkout under any python (issue 15 §1).
 
-`./consensus.py ...` and `scripts/grpc_health_probe.py ...` are run by a
+`./consensus.py ...` and `cita_raft_tools/grpc_health_probe.py ...` are run by a
 python that sees no site-packages (`-S`, an empty environment): after `make
 setup` they re-exec into the checkout's .venv; in a copy without .venv they
 print one line saying to run `make setup`, never a traceback."""
@@ -36,7 +36,7 @@ def test_the_bare_python_really_lacks_the_packages():
 
 
 def test_scripts_are_executable():
-    for script in ("consensus.py", "devnet.py", "scripts/grpc_health_probe.py"):
+    for script in ("consensus.py", "devnet.py", "cita_raft_tools/grpc_health_probe.py"):
         assert os.access(ROOT / script, os.X_OK), f"{script} is not executable"
         assert (ROOT / script).read_text().startswith("#!/usr/bin/env python3\n")
 
@@ -73,7 +73,7 @@ def test_devnet_reexecs_into_the_venv(tmp_path):
 @pytest.mark.skipif(not VENV.exists(), reason="needs the checkout's .venv (make setup)")
 def test_probe_reexecs_into_the_venv():
     # nothing listens on port 1: the probe itself ran (with grpc) and reports a connection failure
-    proc = run_bare(ROOT / "scripts" / "grpc_health_probe.py", "-addr=127.0.0.1:1", "-connect-timeout=200ms")
+    proc = run_bare(ROOT / "cita_raft_tools" / "grpc_health_probe.py", "-addr=127.0.0.1:1", "-connect-timeout=200ms")
     assert proc.returncode == 2, proc.stderr
     assert "failed to connect" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -81,14 +81,14 @@ def test_probe_reexecs_into_the_venv():
 def test_before_setup_one_line_says_make_setup(tmp_path):
     # a checkout without .venv: consensus.py and the probe, copied alone
     shutil.copy(ROOT / "consensus.py", tmp_path)
-    (tmp_path / "scripts").mkdir()
-    shutil.copy(ROOT / "scripts" / "grpc_health_probe.py", tmp_path / "scripts")
+    (tmp_path / "cita_raft_tools").mkdir()
+    shutil.copy(ROOT / "cita_raft_tools" / "grpc_health_probe.py", tmp_path / "cita_raft_tools")
     for args in (["-h"], ["run", "-c", "config.toml"], ["git"]):
         proc = run_bare(tmp_path / "consensus.py", *args, cwd=tmp_path)
         assert proc.returncode == 1 and proc.stdout == ""
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "make setup" in lines[0], proc.stderr
-    proc = run_bare(tmp_path / "scripts" / "grpc_health_probe.py", "-addr=127.0.0.1:1", cwd=tmp_path)
+    proc = run_bare(tmp_path / "cita_raft_tools" / "grpc_health_probe.py", "-addr=127.0.0.1:1", cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "make setup" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     # ./devnet.py, copied with its package
@@ -98,7 +98,7 @@ def test_before_setup_one_line_says_make_setup(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "make setup" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     # what needs no grpc still works
-    proc = run_bare(tmp_path / "scripts" / "grpc_health_probe.py", "-version", cwd=tmp_path)
+    proc = run_bare(tmp_path / "cita_raft_tools" / "grpc_health_probe.py", "-version", cwd=tmp_path)
     assert proc.returncode == 0 and "grpc-health-probe" in proc.stdout
 
 
@@ -134,7 +134,7 @@ def test_probe_reports_an_unknown_service_as_the_go_probe_does():
     server.start()
     try:
         def probe(*args):
-            return subprocess.run([sys.executable, str(ROOT / "scripts" / "grpc_health_probe.py"),
+            return subprocess.run([sys.executable, str(ROOT / "cita_raft_tools" / "grpc_health_probe.py"),
                                    f"-addr=127.0.0.1:{port}", *args], capture_output=True, text=True, timeout=60)
         assert probe("-service=consensus.Ready").returncode == 0
         r = probe("-service=no.such.Service")

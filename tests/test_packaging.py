@@ -309,7 +309,7 @@ def test_build_source_holds_only_sources(flake_out, tree):
     source = flake_out / "share" / "stub" / "source"
     files = {str(p.relative_to(source)) for p in source.rglob("*") if p.is_file()}
     for needed in ("pyproject.toml", "README.md", "consensus.py", "protos/eraftpb.proto",
-                   "scripts/genproto.py", "scripts/grpc_health_probe.py", "raft/__init__.py"):
+                   "scripts/genproto.py", "cita_raft_tools/grpc_health_probe.py", "raft/__init__.py"):
         assert needed in files, f"{needed} is missing from the build source"
     leaked = [f for f in files if f.startswith((".venv", "cita_raft_pb", ".git/", "result"))
               or f == "_version.py" or f.endswith(".pyc") or "__pycache__" in f]
@@ -560,7 +560,7 @@ def probe(replay: Replay, *args: str, name: str = "grpc-health-probe") -> subpro
 
 def _probe_module():
     spec = importlib.util.spec_from_file_location("grpc_health_probe_under_test",
-                                                  ROOT / "scripts" / "grpc_health_probe.py")
+                                                  ROOT / "cita_raft_tools" / "grpc_health_probe.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -740,7 +740,7 @@ def test_dockerfile_runs_the_nix_build_steps(default_args):
     assert ("ARG", "GIT_HASH=unknown") in build
     assert "-c requirements.txt" in runs, "the image must install the versions requirements.txt pins"
     copied = {w.rstrip("/") for inst, rest in build if inst == "COPY" for w in rest.split()[:-1]}
-    for needed in ("pyproject.toml", "README.md", "consensus.py", "raft", "protos", "scripts"):
+    for needed in ("pyproject.toml", "README.md", "consensus.py", "raft", "protos", "scripts", "cita_raft_tools"):
         assert needed in copied, f"the image build does not COPY {needed}"
     for path in copied:
         assert (ROOT / path).exists(), f"the Dockerfile copies {path}, which does not exist"

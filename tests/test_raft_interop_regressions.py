@@ -11,27 +11,34 @@ import random
 
 from cita_raft_pb import eraftpb_pb2 as pb
 from raft import Config, MemoryStorage, RawNode, StateRole
+from tests import ready_driver
+from tests.ready_driver import StorageHost
+
+
+class _Collect(StorageHost):
+    """Persist to `st`, collect every message, apply conf changes."""
+
+    def __init__(self, node: RawNode, st: MemoryStorage) -> None:
+        super().__init__(st)
+        self.node = node
+        self.out: list[pb.Message] = []
+
+    def send(self, msgs: list[pb.Message]) -> None:
+        self.out += msgs
+
+    def apply(self, entries: list[pb.Entry]) -> int:
+        for e in entries:
+            if e.entry_type == pb.EntryConfChangeV2:
+                self.node.apply_conf_change(pb.ConfChangeV2.FromString(e.data))
+        return entries[-1].index
 
 
 def drain(node: RawNode, st: MemoryStorage) -> list[pb.Message]:
-    """Play the host for one node until it has no Ready: persist, collect messages, apply."""
-    out: list[pb.Message] = []
-    while node.has_ready():
-        rd = node.ready()
-        if rd.snapshot is not None:
-            st.apply_snapshot(rd.snapshot)
-        if rd.entries:
-            st.append(rd.entries)
-        if rd.hard_state is not None:
-            st.set_hardstate(rd.hard_state)
-        out += rd.messages + rd.persisted_messages
-        for e in rd.committed_entries:
-            if e.entry_type == pb.EntryConfChangeV2:
-                node.apply_conf_change(pb.ConfChangeV2.FromString(e.data))
-        node.advance(rd)
-        if rd.committed_entries:
-            node.advance_apply_to(rd.committed_entries[-1].index)
-    return out
+    """Play the host for one node until it has no Ready (tests/ready_driver.py): persist,
+    collect messages, apply."""
+    host = _Collect(node, st)
+    ready_driver.drain(node, host)
+    return host.out
 
 
 class Batches:

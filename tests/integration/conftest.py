@@ -9,11 +9,11 @@ chains at one height and no height committed differently anywhere.
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
 from devnet.ops import Devnet
+from tests import waiting
 
 if not os.environ.get("DEVNET_INTEGRATION"):
     collect_ignore_glob = ["test_*.py"]
@@ -27,7 +27,7 @@ ELECTION_TICK = int(os.environ.get("DEVNET_ELECTION_TICK", "10"))
 # TEST_WAIT_SCALE multiplies every bound here, as in tests/service (default 4
 # there; 2 here, where the base bound is already 40 s). A passing wait returns
 # as soon as its condition holds, so only a failing one takes longer.
-WAIT_SCALE = float(os.environ.get("TEST_WAIT_SCALE", "2"))
+WAIT_SCALE = waiting.wait_scale(2)
 WAIT = float(os.environ.get("DEVNET_WAIT_S", "40"))
 # DEVNET_CONSENSUS=stub runs the scenarios against devnet.stub_consensus (no Raft):
 # a check that they do fail on a consensus that cannot survive faults.
@@ -59,15 +59,11 @@ class Waiter:
         self.dn = dn
 
     def until(self, cond, what: str, timeout: float = WAIT):
-        timeout *= WAIT_SCALE
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            v = cond()
-            if v:
-                return v
-            time.sleep(0.1)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; heights={self.dn.heights()}\n"
-                             f"status={self.dn.status()}\n{log_tails(self.dn)}")
+        """tests/waiting.wait_for, scaled, with this devnet's state in the failure message."""
+        return waiting.wait_for(cond, timeout, what, scale=WAIT_SCALE, interval=0.1, detail=self.state)
+
+    def state(self) -> str:
+        return f"heights={self.dn.heights()}\nstatus={self.dn.status()}\n{log_tails(self.dn)}"
 
     def heights(self, nodes=None) -> list[int]:
         hs = self.dn.heights()

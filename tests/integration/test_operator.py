@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 import test_deploy  # noqa: E402  (its PromQL name extraction)
 
-PROBE = ROOT / "scripts" / "grpc_health_probe.py"
+PROBE = ROOT / "cita_raft_tools" / "grpc_health_probe.py"
 
 
 @pytest.fixture(scope="module")

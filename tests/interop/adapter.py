@@ -2,10 +2,10 @@
 
 Owns: translating the oracle's length-prefixed frames (documented at the top
 of ../shared/oracle/raftnode/main.go) into RawNode calls, and handling each
-Ready the way a host must (docs/internals.md, "Peer loop"): persist snapshot,
-entries and hard state to a MemoryStorage, then release `messages` and
-`persisted_messages`, then apply committed entries (conf changes through
-`apply_conf_change`), then `advance`.  It never decides protocol questions
+Ready the way a host must (the shared driver tests/ready_driver.py;
+docs/internals.md, "Peer loop"): persist snapshot, entries and hard state to a
+MemoryStorage, then release `messages` and `persisted_messages`, then apply
+committed entries (conf changes through `apply_conf_change`), then `advance`.  It never decides protocol questions
 itself; anything the core refuses is reported as an 'X' frame.
 
 Run as a program (`python tests/interop/adapter.py -id 1 -peers 1,2,3`) with
@@ -30,6 +30,7 @@ from cita_raft_pb import eraftpb_pb2 as pb  # noqa: E402
 from raft import Config, RawNode  # noqa: E402
 from raft.errors import RaftError, SnapshotTemporarilyUnavailable  # noqa: E402
 from raft.storage import MemoryStorage  # noqa: E402
+from tests.ready_driver import StorageHost, drain  # noqa: E402
 
 _HDR = struct.Struct(">I")
 
@@ -44,15 +45,17 @@ def parse_ids(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-class AdapterNode:
-    """One RawNode, its MemoryStorage and the output buffer of framed replies."""
+class AdapterNode(StorageHost):
+    """One RawNode, its MemoryStorage and the output buffer of framed replies; the host of
+    the RawNode's Readies (the hooks of tests/ready_driver.ReadyHost)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.id: int = args.id
         self.out = bytearray()
+        self.early: list[pb.Message] = []  # this Ready's `messages`, framed after persisting
         # raft-rs style start: empty log at index 0 / term 0, configuration preset
         # (the oracle's raftnode does the same without -bootstrap).
-        self.storage = MemoryStorage.new_with_conf_state(parse_ids(args.peers), parse_ids(args.learners))
+        super().__init__(MemoryStorage.new_with_conf_state(parse_ids(args.peers), parse_ids(args.learners)))
         self.conf_state = pb.ConfState()
         self.conf_state.CopyFrom(self.storage.conf_state)
         self.applied = 0
@@ -86,66 +89,72 @@ class AdapterNode:
 
     # ------------------------------------------------------------- Ready
     def handle_ready(self) -> None:
-        rn = self.rn
-        while rn.has_ready():
-            rd = rn.ready()
-            if rd.soft_state is not None:
-                ss = rd.soft_state
-                self.emit(b"L", f"lead={ss.leader_id} state={role_name(ss.role)}".encode())
-            # Persist: snapshot, entries, hard state, in that order (Raft §5.3, §7:
-            # a follower's state must be durable before it answers).
-            snap = rd.snapshot
-            if snap is not None and snap.metadata.index > 0:
-                try:
-                    self.storage.apply_snapshot(snap)
-                except RaftError as exc:
-                    self.emit_err(f"apply snapshot index={snap.metadata.index}: {exc!r}")
-                else:
-                    self.conf_state = pb.ConfState()
-                    self.conf_state.CopyFrom(snap.metadata.conf_state)
-                    self.applied = snap.metadata.index
-                    self.emit(b"S", snap.metadata.SerializeToString())
-            if rd.entries:
-                try:
-                    self.storage.append(list(rd.entries))
-                except RaftError as exc:
-                    self.emit_err(f"append first={rd.entries[0].index}: {exc!r}")
-            if rd.hard_state is not None:
-                self.storage.set_hardstate(rd.hard_state)
-                self.emit(b"H", rd.hard_state.SerializeToString())
-            self.storage.sync()
-            # Send: both lists go out only now, after persisting, as the framing promises.
-            out, pack = self.out, _HDR.pack
-            for msgs in (rd.messages, rd.persisted_messages):
-                for m in msgs:
-                    b = m.SerializeToString()
-                    out += pack(len(b) + 1)
-                    out += b"M"
-                    out += b
-            # Apply.
-            last = 0
-            for e in rd.committed_entries:
-                b = e.SerializeToString()
+        """Every pending Ready, through the shared driver (tests/ready_driver.py); the
+        hooks below turn its steps into frames."""
+        drain(self.rn, self)
+
+    def on_soft_state(self, rd) -> None:
+        ss = rd.soft_state
+        self.emit(b"L", f"lead={ss.leader_id} state={role_name(ss.role)}".encode())
+
+    # Persist: snapshot, entries, hard state, in that order (Raft §5.3, §7:
+    # a follower's state must be durable before it answers).
+    def persist_snapshot(self, snap: pb.Snapshot) -> None:
+        try:
+            self.storage.apply_snapshot(snap)
+        except RaftError as exc:
+            self.emit_err(f"apply snapshot index={snap.metadata.index}: {exc!r}")
+        else:
+            self.conf_state = pb.ConfState()
+            self.conf_state.CopyFrom(snap.metadata.conf_state)
+            self.applied = snap.metadata.index
+            self.emit(b"S", snap.metadata.SerializeToString())
+
+    def persist_entries(self, entries: list[pb.Entry]) -> None:
+        try:
+            self.storage.append(list(entries))
+        except RaftError as exc:
+            self.emit_err(f"append first={entries[0].index}: {exc!r}")
+
+    def persist_hard_state(self, hs: pb.HardState) -> None:
+        self.storage.set_hardstate(hs)
+        self.emit(b"H", hs.SerializeToString())
+
+    # Send: both lists go out only after persisting, as the framing promises: the
+    # early `messages` wait here until the persisted ones follow them.
+    def send(self, msgs: list[pb.Message]) -> None:
+        self.early = msgs
+
+    def send_persisted(self, msgs: list[pb.Message]) -> None:
+        out, pack = self.out, _HDR.pack
+        for batch in (self.early, msgs):
+            for m in batch:
+                b = m.SerializeToString()
                 out += pack(len(b) + 1)
-                out += b"E"
+                out += b"M"
                 out += b
-                if e.entry_type == pb.EntryConfChangeV2:
-                    cc = pb.ConfChangeV2()
-                    try:
-                        cc.ParseFromString(e.data)
-                        self.conf_state = rn.apply_conf_change(cc)
-                    except Exception as exc:  # report, keep the node serving
-                        self.emit_err(f"apply confchangev2 index={e.index}: {exc!r}")
-                    else:
-                        self.emit(b"C", self.conf_state.SerializeToString())
-                elif e.entry_type == pb.EntryConfChange:
-                    self.emit_err(f"EntryConfChange (v1) at index={e.index} is not supported")
-                last = e.index
-            if last:
-                self.applied = last
-            rn.advance(rd)
-            if last:
-                rn.advance_apply_to(last)
+        self.early = []
+
+    def apply(self, entries: list[pb.Entry]) -> int:
+        out, pack = self.out, _HDR.pack
+        for e in entries:
+            b = e.SerializeToString()
+            out += pack(len(b) + 1)
+            out += b"E"
+            out += b
+            if e.entry_type == pb.EntryConfChangeV2:
+                cc = pb.ConfChangeV2()
+                try:
+                    cc.ParseFromString(e.data)
+                    self.conf_state = self.rn.apply_conf_change(cc)
+                except Exception as exc:  # report, keep the node serving
+                    self.emit_err(f"apply confchangev2 index={e.index}: {exc!r}")
+                else:
+                    self.emit(b"C", self.conf_state.SerializeToString())
+            elif e.entry_type == pb.EntryConfChange:
+                self.emit_err(f"EntryConfChange (v1) at index={e.index} is not supported")
+        self.applied = entries[-1].index
+        return self.applied
 
     # ------------------------------------------------------------- input
     def status_json(self) -> bytes:

@@ -2,7 +2,10 @@
 
 They run inside the (gevent-patched) test process on 127.0.0.1 and free
 ports. The fake controller keeps a chain of heights with the real
-controller's status codes for the cases consensus acts on; the fake network
+controller's status codes for the cases consensus acts on, by the height rules
+the devnet's simulated controller uses too (devnet/chain.py: commit_route,
+proposal_height_code, consensus_config); its blocks, validator schedule,
+faults and peer sync are its own. The fake network
 routes NetworkMsg between in-process services by origin (first 8 bytes of
 the address, as network_zenoh) and can drop or cut links."""
 import hashlib
@@ -13,8 +16,18 @@ from concurrent import futures
 import grpc
 
 from cita_raft_pb import common_pb2, controller_pb2_grpc, network_pb2, network_pb2_grpc
-
-PING = 2**64 - 1
+from devnet.chain import (
+    GAP,
+    PING,
+    PROPOSAL_CHECK_ERROR,
+    PROPOSAL_TOO_HIGH,
+    STORED,
+    SUCCESS,
+    commit_route,
+    config_reply,
+    consensus_config,
+    proposal_height_code,
+)
 
 
 def free_port() -> int:
@@ -82,8 +95,7 @@ class FakeController(controller_pb2_grpc.Consensus2ControllerServiceServicer):
         return f"block {h} {parent}".encode()
 
     def config(self, height):
-        return common_pb2.ConsensusConfiguration(height=height, block_interval=self.block_interval,
-                                                 validators=self.validators)
+        return consensus_config(height, self.block_interval, self.validators)
 
     def GetProposal(self, request, context):  # noqa: N802
         code = self._enter("GetProposal", context)
@@ -97,41 +109,37 @@ class FakeController(controller_pb2_grpc.Consensus2ControllerServiceServicer):
         code = self._enter("CheckProposal", context, request.height)
         if code:
             return common_pb2.StatusCode(code=code)
-        if request.height <= self.height:
-            return common_pb2.StatusCode(code=129)
-        if request.height > self.height + 1:
+        code, _ = proposal_height_code(request.height, self.height)
+        if code == PROPOSAL_TOO_HIGH:
             self.sync_from_peers()
-            return common_pb2.StatusCode(code=128)
+        if code:
+            return common_pb2.StatusCode(code=code)
         if request.data != self.block_data(request.height):
-            return common_pb2.StatusCode(code=130)
-        return common_pb2.StatusCode(code=0)
+            return common_pb2.StatusCode(code=PROPOSAL_CHECK_ERROR)
+        return common_pb2.StatusCode(code=SUCCESS)
 
     def CommitBlock(self, request, context):  # noqa: N802
         h = request.proposal.height
-        code = self._enter("Ping" if h == PING else "CommitBlock", context, h)
+        code = self._enter("Ping" if commit_route(h, self.height) == PING else "CommitBlock", context, h)
         with self.lock:
-            if h == PING:
-                return common_pb2.ConsensusConfigurationResponse(status=common_pb2.StatusCode(code=0),
-                                                                 config=self.config(self.height))
+            route = commit_route(h, self.height)
+            if route == PING:
+                return config_reply(SUCCESS, self.config(self.height))
             if code:
-                return common_pb2.ConsensusConfigurationResponse(status=common_pb2.StatusCode(code=code),
-                                                                 config=self.config(h))
-            if h <= self.height:
-                return common_pb2.ConsensusConfigurationResponse(status=common_pb2.StatusCode(code=0),
-                                                                 config=self.config(h))
-            if h > self.height + 1:
+                return config_reply(code, self.config(h))
+            if route == STORED:
+                return config_reply(SUCCESS, self.config(h))
+            if route == GAP:
                 self.sync_from_peers()
-                return common_pb2.ConsensusConfigurationResponse(status=common_pb2.StatusCode(code=128),
-                                                                 config=self.config(h))
+                return config_reply(PROPOSAL_TOO_HIGH, self.config(h))
             if request.proposal.data != self.block_data(h):
-                return common_pb2.ConsensusConfigurationResponse(status=common_pb2.StatusCode(code=130),
-                                                                 config=self.config(h))
+                return config_reply(PROPOSAL_CHECK_ERROR, self.config(h))
             self.committed[h] = request.proposal.data
             self.height = h
             if h in self.schedule:
+                # validators scheduled at h are in effect from h+1 (as a devnet system tx)
                 self.validators = self.schedule.pop(h)
-            return common_pb2.ConsensusConfigurationResponse(status=common_pb2.StatusCode(code=0),
-                                                             config=self.config(h))
+            return config_reply(SUCCESS, self.config(h))
 
 
 class FakeNetwork:

@@ -1,13 +1,11 @@
 """Helpers of the service tests: node addresses, bounded waits, an in-process
 node (consensus.Service against a fake controller and network) and chain checks.
 The fixtures that use them (cluster, fast_loops) are in conftest.py."""
-import os
-import time
-
 import gevent
 
 import consensus
 import raft
+from tests import waiting
 
 from .fakes import FakeController, FakeNetwork, free_port
 
@@ -16,21 +14,14 @@ def addr(i: int) -> bytes:
     return bytes([0x10 + i] * 8) + bytes(range(12))
 
 
-# Every wait is a bounded wait on a condition: a passing test returns as soon as the
-# condition holds, so only a failing one pays for the bound. The bounds are sized for a
-# quiet machine and multiplied by WAIT_SCALE (default 4), so that a machine with both cores
-# busy elsewhere (`make test-loaded`) does not turn slowness into failures.
-WAIT_SCALE = float(os.environ.get("TEST_WAIT_SCALE", "4"))
+# Bounded waits (tests/waiting.py): bounds sized for a quiet machine, multiplied by
+# TEST_WAIT_SCALE (default 4 here); a passing test returns as soon as its condition holds.
+WAIT_SCALE = waiting.wait_scale(4)
 
 
 def wait_for(pred, timeout=30.0, what="condition"):
-    timeout *= WAIT_SCALE
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        gevent.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    """tests/waiting.wait_for with this suite's scale, sleeping in gevent."""
+    return waiting.wait_for(pred, timeout, what, scale=WAIT_SCALE, interval=0.05, sleep=gevent.sleep)
 
 
 class Node:

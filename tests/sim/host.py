@@ -1,9 +1,9 @@
 """One simulated node: the host loop around a RawNode, as consensus.py runs it.
 
-Per Ready (docs/internals.md, "Peer loop"): send `messages`; write snapshot /
-entries / hard state; `sync()`; send `persisted_messages`; hand committed
-entries to the applier; `advance()`. The applier may run at once or later
-(`advance_apply_to`). Between every two of these steps the fault injector may
+Per Ready (tests/ready_driver.py, docs/internals.md "Peer loop"): send
+`messages`; write snapshot / entries / hard state; `sync()`; send
+`persisted_messages`; hand committed entries to the applier; `advance()`.
+The applier may run at once or later (`advance_apply_to`). Between every two of these steps the fault injector may
 crash the node, which loses the RawNode, the applier queue, unsent messages
 and every write after the last sync. The host also snapshots and compacts.
 
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from cita_raft_pb import eraftpb_pb2 as pb
 from raft.errors import ProposalDropped, RaftError, StepPeerNotFound
+from tests import ready_driver
 
 from .checkers import (
     BOOT_DIGEST,
@@ -53,8 +54,9 @@ def _copy(msg: Any) -> Any:
     return c
 
 
-class SimNode:
-    """A node id with its storage backend, across crashes and restarts."""
+class SimNode(ready_driver.ReadyHost):
+    """A node id with its storage backend, across crashes and restarts; the host of its
+    RawNode's Readies (the hooks of tests/ready_driver.ReadyHost)."""
 
     def __init__(self, sim: Simulation, node_id: int, backend: Any, voters: list[int] | None) -> None:
         self.sim = sim
@@ -291,44 +293,57 @@ class SimNode:
             self.crash(f"at boundary '{e}'")
 
     def _handle_ready(self) -> None:
-        sim = self.sim
-        raw = self.raw
-        rd = raw.ready()
-        self._boundary("ready taken")
-        if rd.soft_state is not None:
-            role = rd.soft_state.role
-            if role.name == "Leader":
-                term = rd.hard_state.term if rd.hard_state is not None else raw.status().term
-                sim.checker.on_leader(self.id, term)
-                self.role_term = (1, term)
-                sim.trace("leader", self.id, f"term={term}")
-            else:
-                self.role_term = (0, 0)
+        """One Ready through the shared driver (tests/ready_driver.py); the hooks below are
+        this host's part of each step, `_boundary` its crash points."""
+        ready_driver.run_ready(self.raw, self)
+
+    # Hooks of tests/ready_driver.ReadyHost (called in the driver's order).
+
+    def boundary(self, stage: str) -> None:
+        self._boundary(stage)
+
+    def on_soft_state(self, rd: Any) -> None:
+        role = rd.soft_state.role
+        if role.name == "Leader":
+            term = rd.hard_state.term if rd.hard_state is not None else self.raw.status().term
+            self.sim.checker.on_leader(self.id, term)
+            self.role_term = (1, term)
+            self.sim.trace("leader", self.id, f"term={term}")
+        else:
+            self.role_term = (0, 0)
+
+    def send(self, msgs: list[pb.Message]) -> None:
         # 1. messages that may leave before persisting (the leader's appends)
-        self._send_all(rd.messages)
-        self._boundary("messages sent")
-        # 2. persist
+        self._send_all(msgs)
+
+    def send_persisted(self, msgs: list[pb.Message]) -> None:
+        # 3. messages that needed the persisted state
+        self._send_all(msgs)
+
+    def persist_snapshot(self, snap: pb.Snapshot) -> None:
+        self._install_snapshot(self.backend.storage, snap)
+
+    def persist_entries(self, entries: list[pb.Entry]) -> None:
         st = self.backend.storage
-        snap = rd.snapshot
-        if snap is not None and snap.metadata.index > 0:
-            self._install_snapshot(st, snap)
-        if rd.entries:
-            st.append(list(rd.entries))
-            for e in rd.entries:
-                prev = BOOT_TERM if e.index - 1 == BOOT_INDEX else self._term_or_none(st, e.index - 1)
-                if prev is not None:
-                    sim.checker.on_log_entry(self.id, e, prev)
-            self.written_last = rd.entries[-1].index
-        if rd.hard_state is not None:
-            hs, prev = rd.hard_state, self.written_hs
-            if hs.term < prev.term or hs.commit < prev.commit or (hs.term == prev.term and prev.vote and hs.vote != prev.vote):
-                raise InvariantViolation(
-                    f"node {self.id} hard state goes back: term={hs.term} vote={hs.vote} commit={hs.commit} "
-                    f"after term={prev.term} vote={prev.vote} commit={prev.commit}"
-                )
-            st.set_hardstate(hs)
-            self.written_hs = _copy(hs)
-        self._boundary("written, not synced")
+        st.append(list(entries))
+        for e in entries:
+            prev = BOOT_TERM if e.index - 1 == BOOT_INDEX else self._term_or_none(st, e.index - 1)
+            if prev is not None:
+                self.sim.checker.on_log_entry(self.id, e, prev)
+        self.written_last = entries[-1].index
+
+    def persist_hard_state(self, hs: pb.HardState) -> None:
+        prev = self.written_hs
+        if hs.term < prev.term or hs.commit < prev.commit or (hs.term == prev.term and prev.vote and hs.vote != prev.vote):
+            raise InvariantViolation(
+                f"node {self.id} hard state goes back: term={hs.term} vote={hs.vote} commit={hs.commit} "
+                f"after term={prev.term} vote={prev.vote} commit={prev.commit}"
+            )
+        self.backend.storage.set_hardstate(hs)
+        self.written_hs = _copy(hs)
+
+    def sync(self, rd: Any) -> None:
+        sim = self.sim
         if rd.must_sync or not sim.params.fsync_shortcut:
             self._sync()
             self.durable_hs = _copy(self.written_hs)
@@ -348,19 +363,16 @@ class SimNode:
                 )
             if rd.hard_state is not None:
                 sim.faults._count("commit-only ready not synced")
-        self._boundary("synced")
-        # 3. messages that needed the persisted state
-        self._send_all(rd.persisted_messages)
-        self._boundary("persisted messages sent")
-        # 4. hand committed entries to the applier
-        if rd.committed_entries:
-            term = raw.status().term
-            for e in rd.committed_entries:
-                self._hand_out(e, term)
-        self._boundary("committed entries handed out")
-        # 5. advance
-        raw.advance(rd)
-        self._boundary("advanced")
+
+    def apply(self, entries: list[pb.Entry]) -> int:
+        # 4. hand committed entries to the applier, which applies them after `advance`
+        term = self.raw.status().term
+        for e in entries:
+            self._hand_out(e, term)
+        return 0
+
+    def after_advance(self) -> None:
+        sim = self.sim
         if self.apply_queue and sim.rng.random() >= sim.params.apply_defer:
             self.apply_pending()
 

@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _enter_checkout_venv() -> None:
-    """`scripts/grpc_health_probe.py ...` from a checkout under a python
+    """`cita_raft_tools/grpc_health_probe.py ...` from a checkout under a python
     without grpcio: run under the checkout's .venv (made by `make setup`)."""
     try:
         import grpc  # noqa: F401
