@@ -11,37 +11,44 @@ with its (empty) proof to the local controller. It reaches other nodes only
 through the local network service.
 
 Greenlets (one gevent process). Each owner below creates all its fields in
-its `__init__` and only its own greenlet writes them; every other greenlet
-reads them at most and asks for a change by putting an event (a frozen
-dataclass, section "Events") on the owner's queue.
+its `__init__` and only its own greenlet writes them; other greenlets read
+them at most and ask for a change by putting an event (a frozen dataclass,
+section "Events") on the owner's queue.
 
-  greenlet         owner (class)  owns                                     fed by
-  peer_loop        PeerLoop       the RawNode, every write to the raft     PeerLoop.inbox: RaftMessage, FetchedProposal,
-                                  data (DiskStorage: log, hard state,      EntryApplied, ApplyConfChange, SnapshotReported,
-                                  snapshots, applied record, abort         PeerUnreachable, HandOff, StartRaft, StopRaft,
-                                  height), role, leader, proposal in       SetAbortHeight
-                                  flight, conf state, pacing
-  applier_loop     Applier        the chain configuration and the block    Applier.queue: Committed, EarlyCheck,
-                                  height raft applied; CheckProposal and   SnapshotInstalled, RaftStarted, ControllerConfig
-                                  CommitBlock, in log order
-  supervisor_loop  Supervisor     the validator set the controller         Supervisor.events: Reconfigure (or a ping every
-                                  reports, abort-height decisions,         SUPERVISE_SECONDS)
-                                  start/stop of raft
-  transport_loop   Transport      registration with the network, the       Transport.events: Registered, OriginLearned,
-                                  mailbook (raft id -> network origin),    OriginRefused, ProbeWanted, OutboxWanted,
-                                  NetworkTrouble
-                                  the per-peer outboxes and senders,
-                                  probes
-  sender_loop      (Transport)    one per raft peer: its outbox -> network.SendMsg, in order
-  fetch_proposal   (PeerLoop)     one-shot: controller GetProposal -> FetchedProposal
-  refresh_loop     HealthServicer readiness, every HEALTH_REFRESH_SECONDS (reads only)
-  gRPC workers     servicers      Reconfigure, CheckBlock, ProcessNetworkMsg, Health: check the input, then post
-  main             Service        start, stop, the storage handle; waits for a signal or a fatal fault (fail-stop)
+peer_loop        PeerLoop (+ its LeaderDuties), queue PeerLoop.inbox
+                 owns the RawNode and every write to the raft data (DiskStorage:
+                 log, hard state, snapshots, applied record, abort height), the
+                 role, the leader, the proposal in flight, the conf state.
+                 Fed by RaftMessage, FetchedProposal, EntryApplied,
+                 ApplyConfChange, SnapshotReported, PeerUnreachable, HandOff,
+                 StartRaft, StopRaft, SetAbortHeight.
+applier_loop     Applier, queue Applier.queue
+                 owns the chain configuration and the block height raft applied;
+                 CheckProposal + CommitBlock in log order. Fed by Committed,
+                 EarlyCheck, SnapshotInstalled, RaftStarted, ControllerConfig.
+supervisor_loop  Supervisor, queue Supervisor.events
+                 owns what the controller says of the validator set (height,
+                 when we stopped being a validator); decides the abort height and
+                 the start/stop of raft. Fed by Reconfigure, else a CommitBlock
+                 ping every SUPERVISE_SECONDS.
+transport_loop   Transport, queue Transport.events
+                 owns the registration with the network, the mailbook (raft id
+                 -> network origin), the per-peer outboxes and senders, probes.
+                 Fed by Registered, OriginLearned, OriginRefused, ProbeWanted,
+                 OutboxWanted, NetworkTrouble.
+sender_loop      one per raft peer (Transport): its outbox -> network.SendMsg, in
+                 order; reports SnapshotReported/PeerUnreachable to the peer loop.
+one-shots        fetch_proposal (GetProposal -> FetchedProposal), register
+                 (-> Registered), _broadcast and _send_control (probes).
+refresh_loop     HealthServicer: readiness every HEALTH_REFRESH_SECONDS (reads).
+gRPC workers     the servicers: check each input, then post it to its owner.
+main             Service, the composition root: start, stop, the storage
+                 handle; waits for a signal or a fatal fault (fail-stop).
 
-Sinks that any greenlet writes to: the Prometheus metrics, the loggers and
-their OnceLogger/rate-limit bookkeeping. Waits go one way only (the
-supervisor and the applier wait for the peer loop, never the reverse), so
-no two owners can wait for each other.
+Metrics, loggers and their OnceLogger/rate-limit bookkeeping are sinks any
+greenlet writes to. Waits go one way (the supervisor, the applier and the
+gRPC workers wait for the peer loop or the transport loop, which never wait
+for anyone), so no two greenlets can wait for each other.
 
 The file reads top-down: patching, the owners, the servicers, the clients,
 config and logging, the command line, main. See docs/internals.md and README.md.
@@ -1382,7 +1389,8 @@ class Service:
     owners (PeerLoop, Applier, Supervisor, Transport), serves gRPC and the
     metrics, runs every greenlet under the fail-stop guard. Create, `start()`,
     then `stop()` (or wait on `halt` for a signal or a fatal fault). Its own
-    fields are written by the main greenlet only."""
+    fields are written by the main greenlet only, but `fatal`, which die()
+    sets once from whichever greenlet fails."""
 
     def __init__(self, cfg: Config, logger: logging.Logger | None = None):
         self.cfg = cfg
@@ -1871,7 +1879,12 @@ class Readiness:
 
     def __init__(self, service: Service, now: float | None = None):
         self.s = service
-        self.reset(time.monotonic() if now is None else now)
+        now = time.monotonic() if now is None else now
+        self.commit = None             # raft commit index last seen, and when it changed
+        self.commit_at = now
+        self.height_at_commit = 0      # the chain height then
+        self.leader_seen_at = now      # when a raft leader was last known
+        self.leading_since = None      # when this node became leader
 
     def reset(self, now: float) -> None:
         self.commit = None

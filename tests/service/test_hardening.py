@@ -381,6 +381,28 @@ def test_raft_errors_from_step_other_than_expected_answers_fail_stop(cluster):
     assert svc.halt.is_set()
 
 
+def test_an_unexpected_raft_error_from_step_stops_the_process_with_one_crit_line(real_node_with):
+    """Only ProposalDropped and StepPeerNotFound are expected answers of step. StepLocalMsg
+    was taken as one too (logged at DEBUG and ignored); like any other RaftError from step
+    it now ends the process: exit 1, one CRIT line naming the message, with the traceback."""
+    node = real_node_with("""
+import raft
+def _step(self, m):
+    raise raft.errors.StepLocalMsg("injected: a local message type reached step")
+raft.RawNode.step = _step
+""")
+    node.wait_height(2)
+    hb = raft_msg(eraftpb_pb2.MsgHeartbeatResponse, raft.peer_id(node.address), 1, frm=9)
+    raw_call(node.port, "/network.NetworkMsgHandlerService/ProcessNetworkMsg", network_msg(hb).SerializeToString())
+    assert node.wait_exit(timeout=40) == 1, node.output()[-3000:]
+    out = node.output()
+    crit = [x for x in out.splitlines() if " CRIT " in x]
+    assert len(crit) == 1, out[-3000:]
+    assert "stopping: raft invariant violated (in peer_loop): step: StepLocalMsg on a MsgHeartbeatResponse " \
+           "from 9 (term 1, index 0): injected: a local message type reached step" in crit[0], crit[0]
+    assert "Traceback (most recent call last)" in out
+
+
 # ----- defect 6: a removed validator serves raft until its removal is committed -------------------
 
 

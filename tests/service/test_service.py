@@ -426,13 +426,13 @@ def test_block_interval_above_0_announces_each_commit_at_once(cluster):
 
 def _commit_checks(node) -> dict[int, bool]:
     """Record, per height this node commits, whether it called CheckProposal at commit time."""
-    svc, seen = node.service, {}
-    inner = svc.commit_to_controller
+    applier, seen = node.service.applier, {}
+    inner = applier.commit_to_controller
 
     def record(proposal, check):
         seen[proposal.height] = check
         return inner(proposal, check)
-    svc.commit_to_controller = record
+    applier.commit_to_controller = record
     return seen
 
 
