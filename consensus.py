@@ -438,7 +438,7 @@ class PeerLoop:
                 except raft.errors.RaftError:
                     pass
             case StartRaft(config, done):
-                if not running:
+                if not running and not self.service.stopping.is_set():
                     self.start_raft(config)
                 done.set(self.node is not None)
             case StopRaft(done):
@@ -449,6 +449,8 @@ class PeerLoop:
                 done.set(height)
             case RaftMessage() | SnapshotReported() | PeerUnreachable():
                 pass  # for a raft that stopped
+            case _:
+                raise TypeError(f"the peer loop got an unknown event {event!r}")
 
     def step(self, msg) -> None:
         try:
@@ -523,12 +525,14 @@ class PeerLoop:
                 return
             started_empty = True
             bootstrapped = self.bootstrap(config)
-        recommit = [] if bootstrapped else self.applied_blocks_above(config.height)
+        recommit = [] if bootstrapped else applied_blocks_above(self.storage, self.service.applier.block_height,
+                                                                 config.height)
         raft_cfg = raft.Config(id=self.id, election_tick=self.cfg.election_tick,
                                heartbeat_tick=self.cfg.heartbeat_tick, applied=self.storage.applied_index(),
                                check_quorum=self.cfg.check_quorum, pre_vote=self.cfg.pre_vote,
                                max_size_per_msg=1024 * 1024, max_inflight_msgs=256,
-                               lost_state=self.lost_state(config, started_empty))
+                               lost_state=lost_state(self.storage, config, started_empty,
+                                                     self.cfg.raft_data_path, self.log))
         self.node = raft.RawNode(raft_cfg, self.storage, logger=logging.getLogger("raft"))
         self.conf_state = self.storage.initial_state().conf_state
         # The applier adopts a bootstrap's configuration and recommits what the
@@ -562,49 +566,6 @@ class PeerLoop:
         self.log.info("bootstrapped raft at index %d term %d with %d validators at height %d",
                       BOOTSTRAP_INDEX, BOOTSTRAP_TERM, len(voters), config.height)
         return chain
-
-    def applied_blocks_above(self, controller_height: int) -> list:
-        """The blocks raft applied above the controller's height (it lost them in
-        a crash), from our log, in order: the applier commits them again."""
-        if self.service.applier.block_height <= controller_height:
-            return []
-        first, last = self.storage.first_index(), self.storage.applied_index()
-        if last < first:
-            return []
-        try:
-            entries = self.storage.entries(first, last + 1)
-        except raft.errors.RaftError:
-            return []
-        blocks = []
-        for e in entries:
-            if e.entry_type != pb.EntryNormal or not e.data:
-                continue
-            try:
-                proposal = common_pb2.Proposal.FromString(e.data)
-            except Exception:
-                continue
-            if proposal.height > controller_height:
-                blocks.append(proposal)
-        return blocks
-
-    def lost_state(self, config, started_empty: bool) -> bool:
-        """Did this node lose durable raft state? Then it may have voted in a term
-        it no longer remembers, and raft must start with Config.lost_state (it
-        withholds votes until it is safe again). Known exactly in two cases: the
-        store was empty (fresh or wiped data dir) while the chain is past genesis,
-        or the WAL recovery cut damaged data that had been synced."""
-        if getattr(self.storage, "recovery_lost_synced", False):
-            self.log.warning("raft data lost: WAL recovery cut damaged data that had been synced (a disk that "
-                             "lied or was damaged); this node may have voted in a term it no longer remembers, "
-                             "so it starts with lost_state and withholds its vote until that is safe")
-            return True
-        if started_empty and config.height > 0:
-            self.log.warning("raft data lost or never there: the raft data dir %s was empty while the chain is at "
-                             "height %d (past genesis); if this node was a validator before, it may have voted in "
-                             "a term it no longer remembers, so it starts with lost_state and withholds its vote "
-                             "until that is safe", os.path.abspath(self.cfg.raft_data_path), config.height)
-            return True
-        return False
 
     def stop_raft(self) -> None:
         if self.node is None:
@@ -719,6 +680,51 @@ class PeerLoop:
         self.duties.conf_change_settled()
         self.log.info("installed snapshot index=%d term=%d height=%s voters %s", snap.metadata.index,
                       snap.metadata.term, config.height if config else "?", sorted(snap.metadata.conf_state.voters))
+
+
+
+def applied_blocks_above(storage: DiskStorage, block_height: int, controller_height: int) -> list:
+    """The blocks raft applied above the controller's height (it lost them in
+    a crash), from our log, in order: the applier commits them again."""
+    if block_height <= controller_height:
+        return []
+    first, last = storage.first_index(), storage.applied_index()
+    if last < first:
+        return []
+    try:
+        entries = storage.entries(first, last + 1)
+    except raft.errors.RaftError:
+        return []
+    blocks = []
+    for e in entries:
+        if e.entry_type != pb.EntryNormal or not e.data:
+            continue
+        try:
+            proposal = common_pb2.Proposal.FromString(e.data)
+        except Exception:
+            continue
+        if proposal.height > controller_height:
+            blocks.append(proposal)
+    return blocks
+
+def lost_state(storage: DiskStorage, config, started_empty: bool, data_path: str, log: logging.Logger) -> bool:
+    """Did this node lose durable raft state? Then it may have voted in a term
+    it no longer remembers, and raft must start with Config.lost_state (it
+    withholds votes until it is safe again). Known exactly in two cases: the
+    store was empty (fresh or wiped data dir) while the chain is past genesis,
+    or the WAL recovery cut damaged data that had been synced."""
+    if getattr(storage, "recovery_lost_synced", False):
+        log.warning("raft data lost: WAL recovery cut damaged data that had been synced (a disk that "
+                         "lied or was damaged); this node may have voted in a term it no longer remembers, "
+                         "so it starts with lost_state and withholds its vote until that is safe")
+        return True
+    if started_empty and config.height > 0:
+        log.warning("raft data lost or never there: the raft data dir %s was empty while the chain is at "
+                         "height %d (past genesis); if this node was a validator before, it may have voted in "
+                         "a term it no longer remembers, so it starts with lost_state and withholds its vote "
+                         "until that is safe", os.path.abspath(data_path), config.height)
+        return True
+    return False
 
 
 class LeaderDuties:
@@ -960,6 +966,8 @@ class Applier:
                     self.on_raft_started(config, bootstrapped, recommit)
                 case ControllerConfig(config):
                     self.on_controller_config(config)
+                case event:
+                    raise TypeError(f"the applier got an unknown event {event!r}")
 
     def set_height(self, height: int) -> None:
         self.block_height = height
@@ -1117,6 +1125,8 @@ class Supervisor:
         match event:
             case Reconfigure(config):
                 return config
+            case _:
+                raise TypeError(f"the supervisor got an unknown event {event!r}")
 
     def supervise_once(self, config=None) -> None:
         if config is None:
@@ -1260,8 +1270,11 @@ class Transport:
                     self.broadcast_probe()
                 case OutboxWanted(message):
                     self.open_outbox(message)
-                case NetworkTrouble(at) if at >= self.registered_at and not self.registering:
-                    next_register = 0.0   # the network may have restarted and forgotten us
+                case NetworkTrouble(at):
+                    if at >= self.registered_at and not self.registering:
+                        next_register = 0.0   # the network may have restarted and forgotten us
+                case _:
+                    raise TypeError(f"the transport got an unknown event {event!r}")
 
     def learn_origin(self, peer: int, origin: int) -> None:
         """From ProcessNetworkMsg: the mailbook has it when this returns (the
