@@ -199,13 +199,11 @@ def test_a_controller_config_at_u64_max_is_ignored(cluster, caplog):
     svc = consensus.Service(node.cfg)
     try:
         svc.open_storage()
-        svc.on_controller_config(common_pb2.ConsensusConfiguration(height=U64_MAX, validators=[addr(5)]))
+        svc.supervisor.on_controller_config(common_pb2.ConsensusConfiguration(height=U64_MAX, validators=[addr(5)]))
         assert svc.storage.abort_height() == 0 and svc.fatal is None
         assert any("ignoring it" in r.getMessage() and "out of range" in r.getMessage() for r in caplog.records)
     finally:
-        svc.storage.close()
-        svc.controller.close()
-        svc.network.close()
+        svc.stop()
 
 
 # ----- defect 7: undecodable bodies answered INTERNAL ----------------------------------------------------
@@ -301,22 +299,24 @@ def real_node_with(tmp_path):
 INJECT = """
 import functools
 import raft
-_orig = consensus.Service.{method}
+_orig = consensus.{method}
 @functools.wraps(_orig)
 def _faulty(self, *a, **kw):
-    if self.block_height >= 3:
+    if self.service.applier.block_height >= 3:
         raise {exc}("injected fault")
     return _orig(self, *a, **kw)
-consensus.Service.{method} = _faulty
+consensus.{method} = _faulty
 """
 
 
 @pytest.mark.parametrize("method,exc,line", [
-    ("supervise_once", "KeyError", "stopping: supervisor_loop crashed: KeyError: 'injected fault'"),
-    ("apply_entry", "TypeError", "stopping: applier_loop crashed: TypeError: injected fault"),
-    ("handle_ready", "raft.RaftInvariantError", "stopping: raft invariant violated (in _peer_loop): injected fault"),
-    ("leader_duties", "ZeroDivisionError", "stopping: _peer_loop crashed: ZeroDivisionError: injected fault"),
-    ("fetch_proposal", "AttributeError", "stopping: fetch_proposal crashed: AttributeError: injected fault"),
+    ("Supervisor.supervise_once", "KeyError", "stopping: supervisor_loop crashed: KeyError: 'injected fault'"),
+    ("Applier.apply_entry", "TypeError", "stopping: applier_loop crashed: TypeError: injected fault"),
+    ("PeerLoop.handle_ready", "raft.RaftInvariantError",
+     "stopping: raft invariant violated (in peer_loop): injected fault"),
+    ("LeaderDuties.run", "ZeroDivisionError", "stopping: peer_loop crashed: ZeroDivisionError: injected fault"),
+    ("LeaderDuties.fetch_proposal", "AttributeError",
+     "stopping: fetch_proposal crashed: AttributeError: injected fault"),
 ])
 def test_an_unexpected_exception_in_any_greenlet_stops_the_process_non_zero(real_node_with, method, exc, line):
     """The supervisor, applier, peer loop and proposal fetcher each end the process with
@@ -343,7 +343,7 @@ consensus.NetworkClient.register = _faulty
 consensus.REREGISTER_SECONDS = 0.2
 """)
     assert node.wait_exit(timeout=40) == 1, node.output()[-3000:]
-    assert "stopping: register_loop crashed: RuntimeError: injected fault in register" in node.output()
+    assert "stopping: register crashed: RuntimeError: injected fault in register" in node.output()
 
 
 def test_sigterm_still_exits_0_after_the_fail_stop_change(real_node):
@@ -371,14 +371,36 @@ def test_raft_errors_from_step_other_than_expected_answers_fail_stop(cluster):
     svc.node.step = step
     hb = eraftpb_pb2.Message.FromString(raft_msg(eraftpb_pb2.MsgHeartbeatResponse, svc.id, 1, frm=9))
     for _ in range(2):
-        svc.deliver_raft(hb)
+        svc.peer.deliver_raft(hb)
     h = node.ctrl.height
     wait_for(lambda: node.ctrl.height >= h + 2, what="blocks after the expected errors")
     assert svc.fatal is None
-    svc.deliver_raft(hb)
+    svc.peer.deliver_raft(hb)
     wait_for(lambda: svc.fatal is not None, what="fail-stop on the unexpected RaftError")
     assert "raft invariant violated" in svc.fatal and "conflicts with committed entry" in svc.fatal
     assert svc.halt.is_set()
+
+
+def test_an_unexpected_raft_error_from_step_stops_the_process_with_one_crit_line(real_node_with):
+    """Only ProposalDropped and StepPeerNotFound are expected answers of step. StepLocalMsg
+    was taken as one too (logged at DEBUG and ignored); like any other RaftError from step
+    it now ends the process: exit 1, one CRIT line naming the message, with the traceback."""
+    node = real_node_with("""
+import raft
+def _step(self, m):
+    raise raft.errors.StepLocalMsg("injected: a local message type reached step")
+raft.RawNode.step = _step
+""")
+    node.wait_height(2)
+    hb = raft_msg(eraftpb_pb2.MsgHeartbeatResponse, raft.peer_id(node.address), 1, frm=9)
+    raw_call(node.port, "/network.NetworkMsgHandlerService/ProcessNetworkMsg", network_msg(hb).SerializeToString())
+    assert node.wait_exit(timeout=40) == 1, node.output()[-3000:]
+    out = node.output()
+    crit = [x for x in out.splitlines() if " CRIT " in x]
+    assert len(crit) == 1, out[-3000:]
+    assert "stopping: raft invariant violated (in peer_loop): step: StepLocalMsg on a MsgHeartbeatResponse " \
+           "from 9 (term 1, index 0): injected: a local message type reached step" in crit[0], crit[0]
+    assert "Traceback (most recent call last)" in out
 
 
 # ----- defect 6: a removed validator serves raft until its removal is committed -------------------
@@ -392,15 +414,15 @@ def test_removed_validator_keeps_serving_raft_until_the_chain_passes_its_removal
     _, (node,) = cluster(1, start=False)
     svc = consensus.Service(node.cfg)
     started, stopped = [], []
-    svc.start_peer = lambda config: started.append(config.height)
-    svc.stop_peer = lambda: stopped.append(True)
-    svc.peer_running = lambda: bool(started) and not stopped
+    svc.supervisor.start_peer = lambda config: started.append(config.height)
+    svc.supervisor.stop_peer = lambda: stopped.append(True)
+    svc.supervisor.peer_running = lambda: bool(started) and not stopped
     try:
         svc.open_storage()
-        svc.bootstrap(common_pb2.ConsensusConfiguration(height=0, validators=[addr(0), addr(1)]))
+        svc.peer.bootstrap(common_pb2.ConsensusConfiguration(height=0, validators=[addr(0), addr(1)]))
 
         def cfg(h, *validators):
-            svc.on_controller_config(common_pb2.ConsensusConfiguration(height=h, validators=list(validators)))
+            svc.supervisor.on_controller_config(common_pb2.ConsensusConfiguration(height=h, validators=list(validators)))
         cfg(10, addr(0), addr(1))            # a ping: validator at 10
         assert started == [10]
         cfg(300, addr(1))                    # first told 'not a validator' at 300 (the change was at <= 300)
@@ -411,9 +433,7 @@ def test_removed_validator_keeps_serving_raft_until_the_chain_passes_its_removal
         assert stopped
         assert svc.storage.abort_height() == 301
     finally:
-        svc.storage.close()
-        svc.controller.close()
-        svc.network.close()
+        svc.stop()
 
 
 def test_a_stale_configuration_without_us_does_not_start_a_removal(cluster):
@@ -424,20 +444,18 @@ def test_a_stale_configuration_without_us_does_not_start_a_removal(cluster):
     _, (node,) = cluster(1, start=False)
     svc = consensus.Service(node.cfg)
     started, stopped = [], []
-    svc.start_peer = lambda config: started.append(config.height)
-    svc.stop_peer = lambda: stopped.append(True)
-    svc.peer_running = lambda: bool(started) and not stopped
+    svc.supervisor.start_peer = lambda config: started.append(config.height)
+    svc.supervisor.stop_peer = lambda: stopped.append(True)
+    svc.supervisor.peer_running = lambda: bool(started) and not stopped
     try:
         svc.open_storage()
-        svc.bootstrap(common_pb2.ConsensusConfiguration(height=0, validators=[addr(0), addr(1)]))
-        svc.on_controller_config(common_pb2.ConsensusConfiguration(height=500, validators=[addr(0), addr(1)]))
-        svc.block_height = 500
-        svc.on_controller_config(common_pb2.ConsensusConfiguration(height=400, validators=[addr(1)]))
+        svc.peer.bootstrap(common_pb2.ConsensusConfiguration(height=0, validators=[addr(0), addr(1)]))
+        svc.supervisor.on_controller_config(common_pb2.ConsensusConfiguration(height=500, validators=[addr(0), addr(1)]))
+        svc.applier.block_height = 500
+        svc.supervisor.on_controller_config(common_pb2.ConsensusConfiguration(height=400, validators=[addr(1)]))
         assert svc.nonvalidator_since is None and svc.storage.abort_height() == 0 and not stopped
     finally:
-        svc.storage.close()
-        svc.controller.close()
-        svc.network.close()
+        svc.stop()
 
 
 def test_removed_node_restarting_keeps_its_abort_height(cluster):
@@ -445,23 +463,19 @@ def test_removed_node_restarting_keeps_its_abort_height(cluster):
     _, (node,) = cluster(1, start=False)
     svc = consensus.Service(node.cfg)
     svc.open_storage()
-    svc.bootstrap(common_pb2.ConsensusConfiguration(height=0, validators=[addr(0), addr(1)]))
+    svc.peer.bootstrap(common_pb2.ConsensusConfiguration(height=0, validators=[addr(0), addr(1)]))
     svc.storage.set_abort_height(50)
-    svc.storage.close()
-    svc.controller.close()
-    svc.network.close()
+    svc.stop()
     for height, runs in ((49, True), (50, False)):
         svc = consensus.Service(node.cfg)
         started = []
-        svc.start_peer = lambda config, started=started: started.append(config.height)
+        svc.supervisor.start_peer = lambda config, started=started: started.append(config.height)
         try:
             svc.open_storage()
-            svc.on_controller_config(common_pb2.ConsensusConfiguration(height=height, validators=[addr(1)]))
+            svc.supervisor.on_controller_config(common_pb2.ConsensusConfiguration(height=height, validators=[addr(1)]))
             assert bool(started) == runs and svc.storage.abort_height() == 50
         finally:
-            svc.storage.close()
-            svc.controller.close()
-            svc.network.close()
+            svc.stop()
 
 
 # ----- lost state -------------------------------------------------------------------------------------

@@ -426,13 +426,13 @@ def test_block_interval_above_0_announces_each_commit_at_once(cluster):
 
 def _commit_checks(node) -> dict[int, bool]:
     """Record, per height this node commits, whether it called CheckProposal at commit time."""
-    svc, seen = node.service, {}
-    inner = svc.commit_to_controller
+    applier, seen = node.service.applier, {}
+    inner = applier.commit_to_controller
 
     def record(proposal, check):
         seen[proposal.height] = check
         return inner(proposal, check)
-    svc.commit_to_controller = record
+    applier.commit_to_controller = record
     return seen
 
 
@@ -468,22 +468,22 @@ def test_early_check_only_for_the_next_height_and_repeated_at_commit_if_it_faile
     svc = consensus.Service(node.cfg)
     ctrl = node.ctrl
     ctrl.height, ctrl.committed = 4, {h: b"x" for h in range(1, 5)}
-    svc.block_height = 4
+    svc.applier.block_height = 4
     proposal = common_pb2.Proposal(height=5, data=ctrl.block_data(5))
     checks = []
-    svc.commit_to_controller = lambda p, check: checks.append((p.height, check)) or True
+    svc.applier.commit_to_controller = lambda p, check: checks.append((p.height, check)) or True
 
     def apply(p):
-        svc.apply_entry(eraftpb_pb2.Entry(index=10 + p.height, term=2, data=p.SerializeToString()))
+        svc.applier.apply_entry(eraftpb_pb2.Entry(index=10 + p.height, term=2, data=p.SerializeToString()))
 
-    svc.early_check(common_pb2.Proposal(height=6, data=ctrl.block_data(6)))   # not next: no call
+    svc.applier.early_check(common_pb2.Proposal(height=6, data=ctrl.block_data(6)))   # not next: no call
     assert ("CheckProposal", 6) not in ctrl.calls
     ctrl.fail_codes["CheckProposal"] = [consensus.NONE_RAW_TX]
-    svc.early_check(proposal)                                                 # rejected: nothing kept
-    assert svc.prechecked == (0, b"")
-    svc.early_check(proposal)                                                 # accepted
-    assert svc.prechecked == (5, proposal.data)
-    svc.early_check(proposal)                                                 # already known: no call
+    svc.applier.early_check(proposal)                                                 # rejected: nothing kept
+    assert svc.applier.prechecked == (0, b"")
+    svc.applier.early_check(proposal)                                                 # accepted
+    assert svc.applier.prechecked == (5, proposal.data)
+    svc.applier.early_check(proposal)                                                 # already known: no call
     assert ctrl.calls.count(("CheckProposal", 5)) == 2
     apply(proposal)
     other = common_pb2.Proposal(height=6, data=b"another leader's block 6")
