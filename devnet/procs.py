@@ -42,6 +42,19 @@ def read_pid(pid_file: str) -> int | None:
         return None
 
 
+def _settled_cmdline(pid: int, patience: float = 2.0) -> str:
+    """The cmdline of a live process, waiting out the moment inside execve when
+    the kernel has already let Popen return (close-on-exec fired) but has not yet
+    set up the new program's arguments: /proc/<pid>/cmdline reads empty then.
+    A process that is gone, or stays empty (a kernel thread), gives ""."""
+    deadline = time.monotonic() + patience
+    while True:
+        cmd = _cmdline(pid)
+        if cmd or _state(pid) in ("", "Z", "X") or time.monotonic() >= deadline:
+            return cmd
+        time.sleep(0.005)
+
+
 def alive(pid_file: str, marker: str) -> int | None:
     """The pid if the process of this pid file runs (not a zombie) and its cmdline holds marker."""
     pid = read_pid(pid_file)
@@ -49,7 +62,7 @@ def alive(pid_file: str, marker: str) -> int | None:
         return None
     _reap(pid)
     st = _state(pid)
-    if not st or st in ("Z", "X") or marker not in _cmdline(pid):
+    if not st or st in ("Z", "X") or marker not in _settled_cmdline(pid):
         return None
     return pid
 

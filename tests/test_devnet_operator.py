@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
+import subprocess
+import sys
 
 import pytest
 
@@ -170,3 +172,34 @@ def test_up_after_down_resumes_the_devnet(tmp_path, capsys):
         assert all(Devnet.open(d).running().values())
     finally:
         run_cli(capsys, "--dir", d, "down")
+
+
+def test_a_process_inside_execve_counts_as_running(tmp_path, monkeypatch):
+    """Popen returns once close-on-exec fires inside execve, before the kernel has
+    set up the new program's arguments: /proc/<pid>/cmdline reads empty for that
+    moment. `up` then `running()` saw a just-started node as down (1 run in 6 of
+    test_up_after_down_resumes_the_devnet on a loaded machine). A live process
+    whose cmdline is empty for a while is waited for, not declared gone."""
+    from devnet import procs
+    marker = str(tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
+    try:
+        pid_file = str(tmp_path / "child.pid")
+        with open(pid_file, "w") as f:
+            f.write(str(child.pid))
+        real = procs._cmdline
+        reads = []
+
+        def mid_exec(pid):   # the first reads fall inside execve
+            reads.append(pid)
+            return "" if len(reads) <= 3 else real(pid)
+        monkeypatch.setattr(procs, "_cmdline", mid_exec)
+        assert procs.alive(pid_file, marker) == child.pid
+        assert len(reads) == 4
+        monkeypatch.setattr(procs, "_cmdline", lambda pid: "")   # never any arguments: not ours
+        assert procs.alive(pid_file, marker) is None
+    finally:
+        child.kill()
+        child.wait()
+    monkeypatch.setattr(procs, "_cmdline", real)
+    assert procs.alive(pid_file, marker) is None   # gone
