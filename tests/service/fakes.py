@@ -9,6 +9,7 @@ faults and peer sync are its own. The fake network
 routes NetworkMsg between in-process services by origin (first 8 bytes of
 the address, as network_zenoh) and can drop or cut links."""
 import hashlib
+import random
 import socket
 import threading
 from concurrent import futures
@@ -29,11 +30,28 @@ from devnet.chain import (
     proposal_height_code,
 )
 
+_handed_out: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, never the same twice in this process, and below
+    the kernel's ephemeral range (32768-60999 here): a port the kernel picked for
+    bind(0) can be handed to an outgoing connection's local end before the
+    server that was to use it binds ("metrics port already in use" in one run).
+    The devnet takes 20000-32000; these tests take 10000-19999."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(10000, 20000)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port in 10000-19999")
 
 
 def origin_of(address: bytes) -> int:
