@@ -57,7 +57,7 @@ from raft.errors import (
     StorageError,
     Unavailable,
 )
-from raft.recovery import RecoveryPlan, StoreRead, plan_recovery
+from raft.recovery import Cut, RecoveryPlan, StoreRead, plan_recovery
 from raft.service_state import ServiceState, checkpoint_records, encode_abort_height
 from raft.snapshot import SnapshotStore
 from raft.storage import RaftState, limit_size, new_snapshot
@@ -230,7 +230,7 @@ class DiskStorage:
             self._snaps.save(plan.save_snapshot)
         self.recovery_lost_synced = plan.lost_synced
         if plan.cut is not None:
-            self._cut_tail(plan)
+            self._cut_tail(plan.cut)
         seq, path = plan.segments[-1]
         if plan.write_last is not None:
             self.log.warning(
@@ -269,9 +269,8 @@ class DiskStorage:
             len(plan.segments),
         )
 
-    def _cut_tail(self, plan: RecoveryPlan) -> None:
-        cut = plan.cut
-        assert cut is not None
+    def _cut_tail(self, cut: Cut) -> None:
+        """Truncate the damaged tail of the last segment, durably, saying what it was."""
         if cut.crash_like:
             self.log.warning(
                 "wal: torn tail cut in %s at offset %d (%d bytes: %s): it looks like a write interrupted "
