@@ -399,19 +399,37 @@ def appends(msgs):
 
 def test_block_interval_0_announces_commits_with_the_next_block(cluster):
     """With block_interval 0 the next block's append carries the commit index:
-    no round of empty appends per block (half the messages), yet every node commits."""
+    no round of empty appends per block (half the messages), yet every node commits.
+
+    Counted over a window of 15 blocks under one leader in one term: elections
+    and the probing after them add empty appends in numbers that depend on how
+    loaded the machine is, which this test is not about. A window the term
+    changed in is measured again."""
     net, nodes = cluster(3)
-    wait_for(lambda: min(n.ctrl.height for n in nodes) >= 15, what="15 blocks on all 3 nodes")
+    wait_for(lambda: min(n.ctrl.height for n in nodes) >= 3, what="3 blocks on all 3 nodes")
+    windows = []
+    for _ in range(5):
+        leader = leader_of(nodes)
+        term = leader.service.node.status().term
+        start, top = len(net.sent), max(n.ctrl.height for n in nodes)
+        wait_for(lambda: min(n.ctrl.height for n in nodes) >= top + 15, what="15 more blocks on all 3 nodes")
+        if leader.service.node.status().term == term and leader_of(nodes) is leader:
+            break
+        windows.append((top, term))
+    else:
+        raise AssertionError(f"no 15-block window without an election in 5 tries: {windows}")
     assert_same_chain(nodes)
-    leader = leader_of(nodes)
     assert leader.service.node.raft.skip_bcast_commit
-    msgs = raft_messages_from(net, leader)
+    origin = origin_of(leader.address)
+    msgs = [eraftpb_pb2.Message.FromString(m.msg) for sender, m in list(net.sent)[start:]
+            if sender == origin and m.type == "raft"]
+    msgs = [m for m in msgs if m.term == term]
     full, empty = appends(msgs)
     heartbeats = sum(1 for m in msgs if m.msg_type == eraftpb_pb2.MsgHeartbeat)
     # Empty appends remain only where raft sends them anyway: one after a heartbeat
-    # response while a block is in flight (and a few around the election). Announcing
-    # commits would add one per follower per block.
-    assert full >= 20 and empty <= heartbeats + 6, (full, empty, heartbeats)
+    # response while a block is in flight. Announcing commits would add one per
+    # follower per block (30 here).
+    assert full >= 15 and empty <= heartbeats + 2, (full, empty, heartbeats)
 
 
 def test_block_interval_above_0_announces_each_commit_at_once(cluster):
