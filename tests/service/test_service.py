@@ -412,7 +412,7 @@ def test_block_interval_0_announces_commits_with_the_next_block(cluster):
         leader = leader_of(nodes)
         term = leader.service.node.status().term
         start, top = len(net.sent), max(n.ctrl.height for n in nodes)
-        wait_for(lambda: min(n.ctrl.height for n in nodes) >= top + 15, what="15 more blocks on all 3 nodes")
+        wait_for(lambda top=top: min(n.ctrl.height for n in nodes) >= top + 15, what="15 more blocks on all 3 nodes")
         if leader.service.node.status().term == term and leader_of(nodes) is leader:
             break
         windows.append((top, term))
