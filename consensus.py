@@ -403,9 +403,20 @@ class PeerLoop:
                 continue  # raft stopped
             now = time.monotonic()
             if now >= next_tick:
-                while now >= next_tick:
-                    self.node.tick()
-                    next_tick += tick_s
+                # One tick per wake-up, however late (etcd's ticker drops the ticks
+                # a busy receiver missed). Catching up would run a whole election
+                # timeout at once after a stall (a paused VM, a starved CPU, a slow
+                # disk) and campaign before reading the leader's heartbeats queued
+                # meanwhile: raft's clock waits with the process instead.
+                self.node.tick()
+                late = now - next_tick
+                next_tick += tick_s
+                if next_tick <= now:
+                    next_tick = now + tick_s
+                    if late >= election_timeout(self.cfg):
+                        self.log.warning("the peer loop ran %.1f s late (%d ticks not run): raft's clock waited "
+                                         "instead of starting an election; is the host overloaded?",
+                                         late, int(late / tick_s))
                 self.on_tick()
             elif self.role == raft.StateRole.Leader:
                 self.duties.run(self.node.status())

@@ -533,3 +533,37 @@ def test_recovery_that_lost_synced_data_starts_raft_with_lost_state(cluster, raf
     wait_for(lambda: node.ctrl.height >= h + 2, what="blocks after the restart")
     assert [c.lost_state for c in raft_configs] == [False, True]
     assert any("WAL recovery cut damaged data that had been synced" in r.getMessage() for r in caplog.records)
+
+
+def test_a_stalled_process_runs_one_tick_not_an_election_timeout(cluster, caplog):
+    """After a stall (a paused VM, a starved CPU) the peer loop runs one tick,
+    not every tick it missed: catching up ran a whole election timeout at once,
+    before the leader's heartbeats queued meanwhile were read, and the nodes of
+    a loaded machine campaigned in a loop (the loaded suite's 3-node tests).
+    Ticks are stamped as they run; the burst right after a 2 s stall (100 ticks
+    of 20 ms) must not be there, and the stall is reported."""
+    import re
+    import time
+
+    import gevent.monkey
+
+    net, nodes = cluster(3)
+    wait_for(lambda: min(n.ctrl.height for n in nodes) >= 2, what="2 blocks on all 3 nodes")
+    stamps = {n.service.id: [] for n in nodes}
+    for n in nodes:
+        raw = n.service.node
+        inner = raw.tick
+
+        def stamped(nid=n.service.id, inner=inner):
+            stamps[nid].append(time.monotonic())
+            return inner()
+        raw.tick = stamped
+    gevent.monkey.get_original("time", "sleep")(2.0)   # the whole process stops
+    resumed = time.monotonic()
+    wait_for(lambda: all(s and s[-1] > resumed + 0.3 for s in stamps.values()),
+             what="every node ticking 0.3 s after the stall")
+    for nid, s in stamps.items():
+        burst = [t for t in s if resumed - 0.1 <= t <= resumed + 0.3]
+        # 0.4 s of wall clock holds at most ~21 ticks of 20 ms; catching up ran 100
+        assert len(burst) < 50, (nid, len(burst))
+    assert re.search(r"the peer loop ran \d+\.\d s late", caplog.text), "the stall was not reported"
