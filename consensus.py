@@ -593,6 +593,7 @@ class PeerLoop:
         self.metrics.commit_index.set(st.commit)
         self.metrics.last_index.set(st.last_index)
         self.metrics.set_progress(st)
+        self.metrics.withholding_votes.set(1 if self.node.raft.withholding_votes else 0)
         self.raft_status = st
 
     def on_tick(self) -> None:
@@ -2183,6 +2184,10 @@ class Metrics:
         self.term = g("consensus_raft_term", "raft term", registry=r)
         self.is_leader = g("consensus_raft_is_leader", "1 while this node is the raft leader", registry=r)
         self.has_leader = g("consensus_raft_has_leader", "1 while this node knows a raft leader", registry=r)
+        self.withholding_votes = g(
+            "consensus_raft_withholding_votes",
+            "1 while this node, restarted without its raft state, refuses votes until it has seen an election "
+            "(docs/internals.md, Lost state): the chain tolerates one failure fewer meanwhile", registry=r)
         self.leader = g("consensus_raft_leader", "1 for the raft id (label leader_id) of the known leader",
                         ["leader_id"], registry=r)
         self.node_info = g("consensus_raft_node_info", "always 1: this node's raft id and address as labels",

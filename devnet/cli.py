@@ -262,6 +262,10 @@ def events_between(prev: dict | None, cur: dict) -> list[str]:
             out.append(f"node{i}: raft no longer stuck")
         if b.get("stale_leader") and not a.get("stale_leader"):
             out.append(f"node{i}: a leader without quorum (term {b['term']})")
+        if b.get("withholding_votes") and not a.get("withholding_votes"):
+            out.append(f"node{i}: lost its raft state, withholding votes until it sees an election")
+        elif a.get("withholding_votes") and b.get("withholding_votes") is False:
+            out.append(f"node{i}: voting again")
     pcut = len(prev["network"]["faults"]["cut"]) if prev.get("network") else None
     ccut = len(cur["network"]["faults"]["cut"]) if cur.get("network") else None
     if pcut != ccut:

@@ -348,6 +348,8 @@ class Devnet:
                        last_index=num("consensus_raft_last_index"),
                        stuck=bool(m["consensus_raft_stuck"]) if "consensus_raft_stuck" in m else None,
                        ready=bool(m["consensus_raft_ready"]) if "consensus_raft_ready" in m else None,
+                       withholding_votes=bool(m["consensus_raft_withholding_votes"])
+                       if "consensus_raft_withholding_votes" in m else None,
                        knows_leader=raft_ids.get(leader_id) if leader_id is not None else None,
                        lag=None, stale_leader=False)
             try:

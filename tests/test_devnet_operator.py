@@ -72,6 +72,18 @@ def test_watch_events():
     assert cli.events_between(None, after) == []
 
 
+def test_watch_events_for_a_node_that_lost_its_raft_state():
+    ok = status([node(0, "leader"), node(1), node(2)])
+    wiped = status([node(0, "leader"), node(1), node(2)])
+    for n in ok["nodes"]:
+        n["withholding_votes"] = False
+    for n in wiped["nodes"]:
+        n["withholding_votes"] = n["node"] == 1
+    assert "node1: lost its raft state, withholding votes until it sees an election" in cli.events_between(ok, wiped)
+    assert "node1: voting again" in cli.events_between(wiped, ok)
+    assert not any("withholding" in e or "voting again" in e for e in cli.events_between(ok, ok))
+
+
 def test_blocks_per_second_is_a_window_average():
     r = cli.Rate(window=10.0)
     assert r.add(0.0, 0) is None

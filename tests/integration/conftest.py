@@ -104,6 +104,12 @@ class Waiter:
                    "chains to converge", timeout)
         rows, problems = dn.chains()
         assert problems == [], "chains disagree:\n" + "\n".join(problems)
+        # Healed means every node votes again: one restarted without its raft
+        # state refuses votes until it has seen an election, and the next
+        # scenario's failure would then leave no quorum (a wiped leader after a
+        # wiped follower that had not yet seen one stalled the chain).
+        self.until(lambda: not any(n["withholding_votes"] for n in dn.status()["nodes"] if n["node"] in nodes),
+                   "every node voting again (none withholding votes after a lost state)", timeout)
         return target
 
 

@@ -240,3 +240,28 @@ def test_commit_gauge_never_trails_the_applied_gauge(cluster):
     assert {nid for nid, _, _ in seen} == {n.service.id for n in nodes}
     behind = [(nid, commit, applied) for nid, commit, applied in seen if commit < applied]
     assert not behind, behind
+
+
+def test_withholding_votes_gauge_shows_a_wiped_node_until_it_has_seen_an_election(cluster):
+    """A node restarted without its raft state refuses votes until it has seen
+    an election (docs/internals.md, Lost state); meanwhile a 3-node chain cannot
+    lose another node. Operators (and the devnet's converge) see it in
+    consensus_raft_withholding_votes."""
+    import shutil
+    net, nodes = cluster(3)
+    wait_for(lambda: min(n.ctrl.height for n in nodes) >= 3, what="3 blocks")
+    victim = next(n for n in nodes if n is not leader_of(nodes))
+    for n in nodes:
+        assert sample(scrape(n), "consensus_raft_withholding_votes") == 0
+    victim.stop()
+    shutil.rmtree(victim.cfg.raft_data_path)
+    me = origin_of(victim.address)
+    others = [origin_of(n.address) for n in nodes if n is not victim]
+    net.cut |= {(me, o) for o in others} | {(o, me) for o in others}   # no election to see yet
+    victim.start()
+    wait_for(lambda: sample(scrape(victim), "consensus_raft_withholding_votes") == 1, what="the gauge at 1")
+    net.cut.clear()
+    wait_for(lambda: sample(scrape(victim), "consensus_raft_withholding_votes") == 0,
+             what="the wiped node voting again after the election it asked for")
+    top = max(n.ctrl.height for n in nodes)
+    wait_for(lambda: min(n.ctrl.height for n in nodes) >= top + 2, what="2 more blocks on every node")
