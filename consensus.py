@@ -348,10 +348,15 @@ class PeerLoop:
     def storage(self) -> DiskStorage:
         return self.service.storage
 
-    def post(self, event, force: bool = False) -> bool:
-        """Queue an event. Events from the network are bounded (dropped when
-        INBOX_LIMIT are waiting); internal ones (force) are not."""
-        if not force and self.inbox.qsize() >= INBOX_LIMIT:
+    def post(self, event) -> None:
+        """Queue an internal event: never dropped (each is an answer some state
+        waits for: a fetch in flight, an applied entry, a stop)."""
+        self.inbox.put(event)
+
+    def offer(self, event) -> bool:
+        """Queue an event from the network: dropped (False) when INBOX_LIMIT are
+        waiting, so a flood of peer messages cannot grow memory without bound."""
+        if self.inbox.qsize() >= INBOX_LIMIT:
             return False
         self.inbox.put(event)
         return True
@@ -359,7 +364,7 @@ class PeerLoop:
     def call(self, make):
         """Post `make(done)` and wait for the answer (from other greenlets only)."""
         done = gevent.event.AsyncResult()
-        self.post(make(done), force=True)
+        self.post(make(done))
         return done.get()
 
     def deliver_raft(self, msg) -> bool:
@@ -368,7 +373,7 @@ class PeerLoop:
         if not self.service.peer_running():
             self.metrics.messages.labels("in", "dropped_not_running").inc()
             return False
-        if not self.post(RaftMessage(msg)):
+        if not self.offer(RaftMessage(msg)):
             self.metrics.messages.labels("in", "dropped_overload").inc()
             return False
         self.metrics.messages.labels("in", "received").inc()
@@ -841,7 +846,7 @@ class LeaderDuties:
             self.peer.post(FetchedProposal(None))
             return
         self.once.ok("get_proposal", "controller GetProposal works again")
-        self.peer.post(FetchedProposal(proposal), force=True)
+        self.peer.post(FetchedProposal(proposal))
 
     def propose_block(self, proposal) -> None:
         self.fetching = False
@@ -973,7 +978,7 @@ class Applier:
                     if config is not None:
                         self.config = config
                         self.set_height(max(self.block_height, config.height))
-                    service.peer.post(EntryApplied(index, conf_state, self.config.SerializeToString()), force=True)
+                    service.peer.post(EntryApplied(index, conf_state, self.config.SerializeToString()))
                 case RaftStarted(config, bootstrapped, recommit):
                     self.on_raft_started(config, bootstrapped, recommit)
                 case ControllerConfig(config):
@@ -1058,7 +1063,7 @@ class Applier:
                 block_time = time.monotonic()
                 if ours:
                     self.metrics.commit_latency.observe((block_time - started) * 1000)
-        peer.post(EntryApplied(entry.index, conf_state, self.config.SerializeToString(), block_time), force=True)
+        peer.post(EntryApplied(entry.index, conf_state, self.config.SerializeToString(), block_time))
 
     def commit_to_controller(self, proposal, check: bool) -> bool:
         """CheckProposal then CommitBlock (empty proof). Transient failures are
@@ -1404,9 +1409,9 @@ class Transport:
                 # Raft waits for this report before it sends that follower
                 # anything else; a lost snapshot must be reported or the
                 # follower stays stuck.
-                peer.post(SnapshotReported(to, ok), force=True)
+                peer.post(SnapshotReported(to, ok))
             elif not ok:
-                peer.post(PeerUnreachable(to), force=True)
+                peer.post(PeerUnreachable(to))
 
 
 class Service:
@@ -1546,7 +1551,7 @@ class Service:
         if not self.peer_running():
             return
         done = gevent.event.AsyncResult()
-        self.peer.post(StopRaft(done), force=True)
+        self.peer.post(StopRaft(done))
         done.wait(5)
         if not done.ready():
             self.peer_greenlet.kill()

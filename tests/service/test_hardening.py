@@ -567,3 +567,16 @@ def test_a_stalled_process_runs_one_tick_not_an_election_timeout(cluster, caplog
         # 0.4 s of wall clock holds at most ~21 ticks of 20 ms; catching up ran 100
         assert len(burst) < 50, (nid, len(burst))
     assert re.search(r"the peer loop ran \d+\.\d s late", caplog.text), "the stall was not reported"
+
+
+def test_a_failed_fetch_is_answered_even_when_the_inbox_is_full(cluster, monkeypatch):
+    """The answer to a failed GetProposal went through the bounded entry meant for
+    network messages: with the inbox full (a flood of peer messages) it was
+    dropped, the leader believed a fetch was still in flight and never proposed
+    again. Internal events are never dropped; only network ones are bounded."""
+    monkeypatch.setattr(consensus, "INBOX_LIMIT", 0)   # every bounded post refused
+    net, (node,) = cluster(1, start=False)
+    node.ctrl.fail_codes["GetProposal"] = [500] * 3   # three failed fetches first (an error status)
+    node.start()
+    wait_for(lambda: node.ctrl.height >= 3, what="blocks after three failed fetches")
+    assert not node.ctrl.fail_codes["GetProposal"], "the failing fetches were not made"
