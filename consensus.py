@@ -1230,6 +1230,33 @@ class Supervisor:
         self.service.peer.call(StopRaft)
 
 
+def _supersede_key(m):
+    """Messages that a later one of the same key makes useless: a heartbeat
+    (the later one carries a commit at least as high), a heartbeat response,
+    and an append without entries (a probe or a commit announcement; the later
+    one reflects the leader's newer view). Losing them is what raft already
+    tolerates from any network. Heartbeats with a context (ReadIndex) and
+    everything else are kept."""
+    t = m.msg_type
+    if t in (pb.MsgHeartbeat, pb.MsgHeartbeatResponse) and not m.context:
+        return (t, m.term)
+    if t == pb.MsgAppend and not m.entries:
+        return (t, m.term)
+    return None
+
+
+def coalesce_outbox(batch: list) -> list:
+    """The messages of `batch` (one peer's queued outbox, in order) worth
+    sending: each superseded message (_supersede_key) is dropped when a later
+    one with the same key is in the batch; the others keep their order."""
+    last = {}
+    for i, m in enumerate(batch):
+        key = _supersede_key(m)
+        if key is not None:
+            last[key] = i
+    return [m for i, m in enumerate(batch) if (key := _supersede_key(m)) is None or last[key] == i]
+
+
 class Transport:
     """The transport greenlet: registers with the network (every second until
     it answers 0, then every REREGISTER_SECONDS, and at once after a failed
@@ -1380,38 +1407,56 @@ class Transport:
             self.metrics.messages.labels("out", "dropped_overload").inc()
 
     def sender_loop(self, to: int, q: gevent.queue.Queue) -> None:
-        """One per raft peer: its outbox -> network.SendMsg, in order."""
+        """One per raft peer: its outbox -> network.SendMsg, in order. Each
+        round takes everything queued and drops what a later message in it
+        supersedes (coalesce_outbox): with a network slower than the heartbeat
+        rate, the outbox would otherwise become a queue of stale heartbeats in
+        front of every append, its delay growing until followers campaign."""
         once = OnceLogger(self.log)
         peer = self.service.peer
         while True:
-            m = q.get()
-            origin = self.mailbook.get(to)
-            if origin is None:
-                # Unknown peer: drop (raft retransmits) and ask the network who it is.
-                self.metrics.messages.labels("out", "dropped_no_route").inc()
-                self.post(ProbeWanted())
-                continue
-            ok = False
-            try:
-                code = self.network.send(origin, "raft", m.SerializeToString())
-                if code == SUCCESS:
-                    ok = True
-                    self.metrics.messages.labels("out", "sent").inc()
-                    once.ok("send", f"network SendMsg to raft peer {to} works again")
-                else:
-                    self.metrics.messages.labels("out", "failed").inc()
-                    once.fail("send", "network SendMsg to raft peer %d returned %s", to, code_name(code))
-            except RpcFailed as e:
+            batch = [q.get()]
+            while True:
+                try:
+                    batch.append(q.get_nowait())
+                except gevent.queue.Empty:
+                    break
+            kept = coalesce_outbox(batch)
+            if len(kept) < len(batch):
+                self.metrics.messages.labels("out", "superseded").inc(len(batch) - len(kept))
+            for m in kept:
+                self.send_one(to, m, once, peer)
+
+    def send_one(self, to: int, m, once: OnceLogger, peer: PeerLoop) -> None:
+        """Send one raft message; a failure is reported to raft (PeerUnreachable,
+        or SnapshotReported for a snapshot, which raft waits for)."""
+        origin = self.mailbook.get(to)
+        if origin is None:
+            # Unknown peer: drop (raft retransmits) and ask the network who it is.
+            self.metrics.messages.labels("out", "dropped_no_route").inc()
+            self.post(ProbeWanted())
+            return
+        ok = False
+        try:
+            code = self.network.send(origin, "raft", m.SerializeToString())
+            if code == SUCCESS:
+                ok = True
+                self.metrics.messages.labels("out", "sent").inc()
+                once.ok("send", f"network SendMsg to raft peer {to} works again")
+            else:
                 self.metrics.messages.labels("out", "failed").inc()
-                once.fail("send", "%s (raft peer %d)", e, to)
-                self.post(NetworkTrouble(time.monotonic()))
-            if m.msg_type == pb.MsgSnapshot:
-                # Raft waits for this report before it sends that follower
-                # anything else; a lost snapshot must be reported or the
-                # follower stays stuck.
-                peer.post(SnapshotReported(to, ok))
-            elif not ok:
-                peer.post(PeerUnreachable(to))
+                once.fail("send", "network SendMsg to raft peer %d returned %s", to, code_name(code))
+        except RpcFailed as e:
+            self.metrics.messages.labels("out", "failed").inc()
+            once.fail("send", "%s (raft peer %d)", e, to)
+            self.post(NetworkTrouble(time.monotonic()))
+        if m.msg_type == pb.MsgSnapshot:
+            # Raft waits for this report before it sends that follower
+            # anything else; a lost snapshot must be reported or the
+            # follower stays stuck.
+            peer.post(SnapshotReported(to, ok))
+        elif not ok:
+            peer.post(PeerUnreachable(to))
 
 
 class Service:
