@@ -264,6 +264,10 @@ class Raft:
         self._lost_target: tuple[int, int] | None = None
         # Candidate -> top term it asked our vote for: _note_term_while_withholding; _lost_state_tick clears.
         self._witnessed: dict[int, int] = {}
+        # Ticks after the start before a vote request counts as a witnessed election: two of the
+        # longest randomized election timeouts (one for any candidacy open at the loss to end,
+        # one for its messages to drain). Fixed here.
+        self._witness_after = 4 * config.election_tick
         # (term, index): an append of that term matched our log to there: _lost_state_commit_guard.
         self._verified: tuple[int, int] = (0, 0)
         # _lost_ticks of the last handover request, and how many were sent: _ask_leader_to_hand_over.
@@ -904,8 +908,9 @@ class Raft:
     # A node started with Config.lost_state may have voted, before the loss, in a term
     # it no longer remembers. It grants no vote or pre-vote and does not campaign (its
     # own vote counts too) until it follows a leader whose election it witnessed (it got
-    # that leader's vote request for its term after the restart, and refused it) and that
-    # leader has caught it up; every term it hears meanwhile raises `vote_floor`.
+    # that leader's vote request for its term at least 4 election timeouts after the
+    # restart, and refused it) and that leader has caught it up; every term it hears
+    # meanwhile raises `vote_floor`.
     # Afterwards it votes (and campaigns) only in terms above the floor. A leader elected
     # before the restart is asked to hand over (MsgTransferLeader), so that a witnessed
     # election happens without waiting for the next failure.
@@ -918,7 +923,11 @@ class Raft:
         term = m.term - 1 if t == MsgRequestPreVote or (t == MsgRequestPreVoteResponse and not m.reject) else m.term
         if term > self.vote_floor:
             self.vote_floor = term
-        if t == MsgRequestVote:
+        if t == MsgRequestVote and self._lost_ticks >= self._witness_after:
+            # Not sooner: a candidacy open when we lost our state (we may have voted
+            # for it) may still be collecting votes, possibly at a term above this
+            # one (soak seed 1669: we resumed under a leader of term 15 and voted
+            # again in 16, where our lost vote went to another candidate).
             if m.term > self._witnessed.get(frm, 0):
                 self._witnessed[frm] = m.term
         elif t == MsgAppend and m.term >= self.term:
@@ -951,7 +960,8 @@ class Raft:
             )
             self._withheld = 0
             return
-        if caught_up and self._lost_ticks - self._handover_at >= self.election_timeout:
+        if (caught_up and self._lost_ticks >= self._witness_after
+                and self._lost_ticks - self._handover_at >= self.election_timeout):
             self._ask_leader_to_hand_over()
         if self._withheld and self._lost_ticks - self._withheld_logged_at >= self.election_timeout:
             self._log_withheld("votes refused" if self.withholding_votes else "votes refused at or below the vote floor", None)

@@ -46,6 +46,17 @@ def _ask_vote(raw: RawNode, frm: int, term: int, pre: bool = False, last: tuple[
     return granted
 
 
+WITNESS_AFTER = 40  # 4 election timeouts of _node's election_tick 10
+
+
+def _sit_out(raw: RawNode) -> None:
+    """Tick past the time after the restart in which no election counts as witnessed
+    (a candidacy open at the loss may still collect votes)."""
+    for _ in range(WITNESS_AFTER):
+        raw.tick()
+    _drain(raw)
+
+
 def _catch_up(raw: RawNode, leader: int, term: int) -> None:
     """The leader of `term` appends entry 6 and commits it."""
     e = pb.Entry(index=6, term=term, data=b"x")
@@ -84,6 +95,7 @@ def test_a_lost_state_node_refuses_votes_and_pre_votes_and_does_not_campaign(cap
 def test_voting_resumes_after_a_witnessed_election_and_catch_up_then_only_above_the_floor(caplog):
     raw = _node(lost=True)
     assert not _ask_vote(raw, 3, 12)  # a candidate from before the loss, at term 12
+    _sit_out(raw)
     assert not _ask_vote(raw, 2, 13)  # node 2 campaigns for 13 after our restart: we see it
     raw.step(msg(pb.MsgHeartbeat, 2, 1, 13))  # ... and wins
     _drain(raw)
@@ -110,7 +122,7 @@ def test_a_leader_elected_before_the_restart_is_asked_to_hand_over():
     raw = _node(lost=True)
     _catch_up(raw, 2, 6)
     transfers = []
-    for _ in range(25):
+    for _ in range(WITNESS_AFTER + 15):  # none before WITNESS_AFTER: that election would not count
         raw.tick()
         transfers += [m for m in _drain(raw) if m.msg_type == pb.MsgTransferLeader]
     assert raw.status().voting_withheld
@@ -128,6 +140,7 @@ def test_after_resuming_a_campaign_starts_above_the_floor():
     raw = _node(lost=True, pre_vote=False)
     raw.step(msg(pb.MsgRequestPreVote, 3, 1, 20, index=5, log_term=5))  # floor 19, our term stays 5
     assert _vote_answers(raw, _drain(raw)) == [False]
+    _sit_out(raw)
     assert not _ask_vote(raw, 2, 6)
     _catch_up(raw, 2, 6)
     raw.tick()
@@ -176,3 +189,30 @@ def test_a_heartbeat_commits_only_what_an_append_of_its_term_matched():
     raw.step(msg(pb.MsgHeartbeat, 2, 1, 7, commit=6))
     _drain(raw)
     assert raw.status().commit == 6
+
+
+def test_an_election_right_after_the_restart_is_not_witnessed(caplog):
+    """Soak seed 1669: the node voted for candidate 6 in term 16, was wiped and
+    restarted at once; node 3 won term 15 meanwhile (6's candidacy had not reached it).
+    Counting 3's election as witnessed, the node resumed with floor 15 and voted for
+    another candidate in 16: two votes in one term, two leaders possible. An election
+    counts only once a candidacy open at the loss has ended (4 election timeouts)."""
+    raw = _node(lost=True)
+    assert not _ask_vote(raw, 3, 15)          # at once after the restart
+    _catch_up(raw, 3, 15)
+    for _ in range(5):
+        raw.tick()
+    _drain(raw)
+    assert raw.status().voting_withheld       # the old rule resumed here, floor 15
+    assert not _ask_vote(raw, 2, 16, last=(6, 15))
+    # Later, an election it does see: it resumes above every term it heard.
+    _sit_out(raw)
+    assert not _ask_vote(raw, 3, 17, last=(6, 15))
+    e = pb.Entry(index=7, term=17)
+    raw.step(msg(pb.MsgAppend, 3, 1, 17, index=6, log_term=15, commit=7, entries=[e]))
+    _drain(raw)
+    with caplog.at_level(logging.INFO, logger="t"):
+        raw.tick()
+    assert not raw.status().voting_withheld
+    assert raw.status().vote_floor == 17
+    assert _ask_vote(raw, 2, 18, last=(7, 17))
