@@ -29,8 +29,11 @@ from tests.sim.stores import MemoryBackend, scratch_dir
 MEMORY_SEEDS = range(0, 300)
 DISK_SEEDS = range(100_000, 100_020)
 # Seeds `make soak` failed on, each fixed since (also run in CI): 1669, a node that lost
-# its vote in term 16 counted an election right after its restart as witnessed.
-SOAK_REGRESSION_SEEDS = (1669,)
+# its vote in term 16 counted an election right after its restart as witnessed (core);
+# 2687, the host's bound on Readies without input counted a backlog applied one entry
+# per Ready (harness); 3401, a wipe while no leader was known and a conf change sat in a
+# log left 2 of 4 voters lost (harness: the fault model allows a lost minority only).
+SOAK_REGRESSION_SEEDS = (1669, 2687, 3401)
 CHUNK = 25
 JOBS = int(os.environ.get("SIM_JOBS", "2"))
 

@@ -99,6 +99,11 @@ class FaultInjector:
         leader = sim.leader()
         if leader is not None and leader.raw.raft.pending_conf_index > leader.applied:
             return False  # a change in flight may make a lost node a voter (seed 2380)
+        for n in sim.nodes.values():
+            # ... also with no leader known: a change in some log may still commit (seed
+            # 3401: a wipe between elections, then the change left 2 of 4 voters lost).
+            if n.raw is not None and n.raw.raft._has_conf_change_in(n.applied + 1, n.raw.raft.log.last_index() + 1):
+                return False
         lc = sim.checker.latest_conf
         confs = [n.conf_state for n in sim.nodes.values() if not n.decommissioned] + ([lc[1]] if lc else [])
         if len({conf_key(cs) for cs in confs if cs.voters}) > 1:
