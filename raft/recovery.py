@@ -365,7 +365,11 @@ def _settle(read: StoreRead, r: _Replay, plan: RecoveryPlan) -> None:
             entries, base, base_term = [], f_index, f_term
             plan.install_snapshot = latest
             cs = _copy(meta.conf_state)
-            hs.term = max(hs.term, f_term)
+            if f_term > hs.term:
+                # The hard state of the snapshot's term was lost with the record; a
+                # vote kept from an older term was never cast in this one (soak seed
+                # 100422: lifted with it, it read as a second vote in the new term).
+                hs.term, hs.vote = f_term, 0
             hs.commit = max(hs.commit, f_index)
             if f_index > applied.metadata.index:
                 applied = _copy(latest)

@@ -267,7 +267,9 @@ def test_a_snapshot_file_without_its_wal_record_is_adopted():
     plan = plan_recovery(read([scan(1, head(1) + ents(1, 10) + [hs(1, 1, 4)])], snapshots=[snap]))
     assert plan.install_snapshot == snap and plan.write_hard_state
     assert (plan.base, plan.base_term, plan.entries) == (40, 2, [])
-    assert plan.hard_state == pb.HardState(term=2, vote=1, commit=40)
+    # The term is lifted to the snapshot's and the vote of term 1 is not carried into it
+    # (soak seed 100422: it read as a vote in term 2 that was never cast).
+    assert plan.hard_state == pb.HardState(term=2, vote=0, commit=40)
     assert list(plan.conf_state.voters) == [1, 2]
     assert plan.applied == snap and plan.snapshot == snap
     assert plan.save_snapshot is None and not plan.lost_synced
@@ -293,3 +295,10 @@ def test_a_snapshot_file_the_log_continues_from_needs_nothing():
     assert (plan.base, plan.base_term, plan.last_index) == (3, 1, 6)
     assert plan.snapshot == snap
     assert no_repairs(plan)
+
+
+def test_a_snapshot_file_of_the_hard_states_own_term_keeps_its_vote():
+    snap = snapshot(40, 1, voters=(1, 2))
+    plan = plan_recovery(read([scan(1, head(1) + ents(1, 10) + [hs(1, 2, 4)])], snapshots=[snap]))
+    assert plan.install_snapshot == snap
+    assert plan.hard_state == pb.HardState(term=1, vote=2, commit=40)
