@@ -1249,12 +1249,9 @@ def coalesce_outbox(batch: list) -> list:
     """The messages of `batch` (one peer's queued outbox, in order) worth
     sending: each superseded message (_supersede_key) is dropped when a later
     one with the same key is in the batch; the others keep their order."""
-    last = {}
-    for i, m in enumerate(batch):
-        key = _supersede_key(m)
-        if key is not None:
-            last[key] = i
-    return [m for i, m in enumerate(batch) if (key := _supersede_key(m)) is None or last[key] == i]
+    keys = [_supersede_key(m) for m in batch]
+    last = {key: i for i, key in enumerate(keys) if key is not None}
+    return [m for i, (m, key) in enumerate(zip(batch, keys, strict=True)) if key is None or last[key] == i]
 
 
 class Transport:

@@ -83,6 +83,10 @@ _KNOWN_TYPES = frozenset(MT.values())
 # the term, appends add 1 to the index; protobuf refuses 2^64): a message carrying one is
 # dropped, never adopted (docs/internals.md, "Messages the core drops").
 VALUE_LIMIT = (1 << 64) - (1 << 32)
+# Lost state: a vote request counts as a witnessed election only this many election
+# timeouts after the start: two of the longest randomized ones (one for any candidacy
+# open at the loss to end, one for its messages to drain).
+WITNESS_AFTER_ELECTION_TIMEOUTS = 4
 _LIMITED_FIELDS = ("term", "index", "log_term", "commit", "commit_term", "reject_hint", "request_snapshot")
 
 
@@ -264,10 +268,6 @@ class Raft:
         self._lost_target: tuple[int, int] | None = None
         # Candidate -> top term it asked our vote for: _note_term_while_withholding; _lost_state_tick clears.
         self._witnessed: dict[int, int] = {}
-        # Ticks after the start before a vote request counts as a witnessed election: two of the
-        # longest randomized election timeouts (one for any candidacy open at the loss to end,
-        # one for its messages to drain). Fixed here.
-        self._witness_after = 4 * config.election_tick
         # (term, index): an append of that term matched our log to there: _lost_state_commit_guard.
         self._verified: tuple[int, int] = (0, 0)
         # _lost_ticks of the last handover request, and how many were sent: _ask_leader_to_hand_over.
@@ -923,7 +923,7 @@ class Raft:
         term = m.term - 1 if t == MsgRequestPreVote or (t == MsgRequestPreVoteResponse and not m.reject) else m.term
         if term > self.vote_floor:
             self.vote_floor = term
-        if t == MsgRequestVote and self._lost_ticks >= self._witness_after:
+        if t == MsgRequestVote and self._may_witness():
             # Not sooner: a candidacy open when we lost our state (we may have voted
             # for it) may still be collecting votes, possibly at a term above this
             # one (soak seed 1669: we resumed under a leader of term 15 and voted
@@ -960,11 +960,15 @@ class Raft:
             )
             self._withheld = 0
             return
-        if (caught_up and self._lost_ticks >= self._witness_after
-                and self._lost_ticks - self._handover_at >= self.election_timeout):
+        if caught_up and self._may_witness() and self._lost_ticks - self._handover_at >= self.election_timeout:
             self._ask_leader_to_hand_over()
         if self._withheld and self._lost_ticks - self._withheld_logged_at >= self.election_timeout:
             self._log_withheld("votes refused" if self.withholding_votes else "votes refused at or below the vote floor", None)
+
+    def _may_witness(self) -> bool:
+        """Long enough after the start that an election seen now began after any
+        candidacy open at the loss had ended (WITNESS_AFTER_ELECTION_TIMEOUTS)."""
+        return self._lost_ticks >= WITNESS_AFTER_ELECTION_TIMEOUTS * self.election_timeout
 
     def _lost_state_commit_guard(self, m: pb.Message) -> pb.Message:
         """A heartbeat's commit is min(the leader's match for us, its commit): it trusts

@@ -9,7 +9,7 @@ import logging
 import random
 
 from cita_raft_pb import eraftpb_pb2 as pb
-from raft import Config, RawNode, StateRole
+from raft import Config, RawNode, StateRole, core
 from tests.raft_harness import bootstrapped_storage, msg
 
 
@@ -46,7 +46,7 @@ def _ask_vote(raw: RawNode, frm: int, term: int, pre: bool = False, last: tuple[
     return granted
 
 
-WITNESS_AFTER = 40  # 4 election timeouts of _node's election_tick 10
+WITNESS_AFTER = core.WITNESS_AFTER_ELECTION_TIMEOUTS * 10  # ticks: _node's election_tick is 10
 
 
 def _sit_out(raw: RawNode) -> None:
