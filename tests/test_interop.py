@@ -538,14 +538,22 @@ def converge(c: MixedCluster, membership: bool = False) -> None:
     c.heal()
     c.settle()
     members = list(c.nodes)
-    for _ in range(20):
+
+    def current_members() -> list[int]:
+        # Asked every round: a leave of a joint configuration already in the log can
+        # commit while the cluster elects, and the voter it drops (a Python node never
+        # learns it was removed) must then be stopped, not waited for.
+        nonlocal members
         if membership:
             cs = c.latest_config()
             members = sorted(set(cs.voters) | set(cs.voters_outgoing))
             c.partitioned = set(c.nodes) - set(members)
+        return members
+
+    for _ in range(20):
         # a proposal can be refused while a leader transfer the chaos asked for is pending,
         # or by a leader that was just removed (etcd 3.4 and raft-rs keep it leading)
-        lead = c.elect_by_ticks(members, max_rounds=300)
+        lead = c.elect_by_ticks(current_members, max_rounds=300)
         if membership and c.latest_config().voters_outgoing:
             # Leave the joint config first: etcd 3.4 refuses a snapshot whose ConfState has it
             # only in voters_outgoing (raft-rs and this core accept it), so an etcd laggard
@@ -562,6 +570,7 @@ def converge(c: MixedCluster, membership: bool = False) -> None:
             break
     for k in range(60):
         # laggards catch up by probing or by snapshot, one heartbeat round at a time
+        members = current_members()
         last = {i: c.applied_index(i) for i in members}
         if len(set(last.values())) == 1:
             break

@@ -14,7 +14,7 @@ import json
 import os
 import random
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from cita_raft_pb import eraftpb_pb2 as E
@@ -290,15 +290,21 @@ class MixedCluster(Cluster):
                 return json.loads(p)
         raise AssertionError(f"node {nid} answered no status: {out[nid]}")
 
-    def elect_by_ticks(self, ids: Iterable[int] | None = None, max_rounds: int = 500) -> int:
-        """Tick `ids` (default all) one tick per round until one leader is known to all of them."""
-        ids = list(ids or self.nodes)
+    def elect_by_ticks(
+        self, ids: Iterable[int] | Callable[[], list[int]] | None = None, max_rounds: int = 500
+    ) -> int:
+        """Tick `ids` (default all) one tick per round until one leader is known to all of them.
+
+        `ids` may be a function, asked again every round: the members can change while
+        the cluster elects (a conf change already in the log commits meanwhile)."""
+        members = ids if callable(ids) else (lambda fixed=list(ids or self.nodes): fixed)
         for _ in range(max_rounds):
-            self.tick(ids)
-            lead = self.leader_of(ids)
+            now = members()
+            self.tick(now)
+            lead = self.leader_of(now)
             if lead:
                 return lead
-        raise AssertionError(f"no leader after {max_rounds} ticks: {self.roles()}")
+        raise AssertionError(f"no leader after {max_rounds} ticks among {now}: {self.roles()}\n{self.describe()}")
 
     def leader_of(self, ids: Iterable[int]) -> int:
         """The leader every node in `ids` follows, if that node says it leads; else 0."""
