@@ -27,9 +27,9 @@ def simulate_crash(storage: DiskStorage, rng: random.Random | None = None) -> No
     """Lose what is not fsynced, then close `storage`.
 
     With `rng`, sometimes a random prefix of the unsynced bytes survives,
-    maybe followed by zeros from a sector boundary on (a torn write), and sometimes all of it survives
-    but for a zeroed hole (pages written out of order); recovery must cut
-    either.
+    maybe followed by zeros from a sector boundary on (a torn write), and
+    sometimes all of it survives but for a zeroed hole (pages written out of
+    order); recovery must cut either.
     """
     writer = storage._writer
     torn, garbage, hole = 0, b"", None

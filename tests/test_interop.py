@@ -470,6 +470,12 @@ def check_safety(c: MixedCluster) -> None:
                 f"index {idx}: node {i} ({c.layout[i]}) applied {(term, typ, data)}, node {seen[3]} applied {seen[:3]}"
 
 
+def latest_members(c: MixedCluster) -> list[int]:
+    """The voters of the latest configuration, incoming and outgoing, sorted."""
+    cs = c.latest_config()
+    return sorted(set(cs.voters) | set(cs.voters_outgoing))
+
+
 def chaos_run(c: MixedCluster, rng, steps: int, membership: bool = False) -> int:
     """Random ticks, proposals anywhere, isolations/splits, heals, compactions and transfers
     (and, with `membership`, joint swaps of one voter), one router round per step, on a lossy,
@@ -484,8 +490,7 @@ def chaos_run(c: MixedCluster, rng, steps: int, membership: bool = False) -> int
         if membership:
             # A host stops a node once it is out of the configuration (consensus_raft aborts
             # it): etcd 3.4 crashes if a removed candidate still wins an election.
-            cs = c.latest_config()
-            stopped = set(ids) - set(cs.voters) - set(cs.voters_outgoing)
+            stopped = set(ids) - set(latest_members(c))
         c.partitioned = isolated | stopped
         inputs: dict[int, list[bytes]] = {i: [frame(b"t")] for i in ids if i not in stopped}
         if membership and r < 0.06:
@@ -537,23 +542,22 @@ def converge(c: MixedCluster, membership: bool = False) -> None:
     c.chaos = None
     c.heal()
     c.settle()
-    members = list(c.nodes)
 
     def current_members() -> list[int]:
         # Asked every round: a leave of a joint configuration already in the log can
         # commit while the cluster elects, and the voter it drops (a Python node never
         # learns it was removed) must then be stopped, not waited for.
-        nonlocal members
-        if membership:
-            cs = c.latest_config()
-            members = sorted(set(cs.voters) | set(cs.voters_outgoing))
-            c.partitioned = set(c.nodes) - set(members)
+        if not membership:
+            return list(c.nodes)
+        members = latest_members(c)
+        c.partitioned = set(c.nodes) - set(members)
         return members
 
     for _ in range(20):
         # a proposal can be refused while a leader transfer the chaos asked for is pending,
         # or by a leader that was just removed (etcd 3.4 and raft-rs keep it leading)
         lead = c.elect_by_ticks(current_members, max_rounds=300)
+        members = current_members()
         if membership and c.latest_config().voters_outgoing:
             # Leave the joint config first: etcd 3.4 refuses a snapshot whose ConfState has it
             # only in voters_outgoing (raft-rs and this core accept it), so an etcd laggard
@@ -565,8 +569,7 @@ def converge(c: MixedCluster, membership: bool = False) -> None:
             continue
         c.propose(lead, [b"final"])
         c.tick(members, rounds=3)
-        if b"final" in c.data_log(lead) and (not membership or members == sorted(
-                set(c.latest_config().voters) | set(c.latest_config().voters_outgoing))):
+        if b"final" in c.data_log(lead) and (not membership or members == latest_members(c)):
             break
     for k in range(60):
         # laggards catch up by probing or by snapshot, one heartbeat round at a time

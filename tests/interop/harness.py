@@ -297,9 +297,10 @@ class MixedCluster(Cluster):
 
         `ids` may be a function, asked again every round: the members can change while
         the cluster elects (a conf change already in the log commits meanwhile)."""
-        members = ids if callable(ids) else (lambda fixed=list(ids or self.nodes): fixed)
+        fixed = None if callable(ids) else list(ids or self.nodes)
+        now = fixed or []
         for _ in range(max_rounds):
-            now = members()
+            now = ids() if fixed is None else fixed
             self.tick(now)
             lead = self.leader_of(now)
             if lead:
